@@ -1,0 +1,136 @@
+"""Encoders from timm with SimMIM masking.
+
+Each encoder exposes the same small contract:
+  forward_features(pixels [N, C, H, W], mask [N, h, w] or None) -> tokens [N, D, h', w']
+  pool(features [N, D, h', w'], prefix [N, P, D] or None) -> [N, D]
+and the attributes `patch_size` (the mask grid cell in pixels), `stride` (total downsampling of
+the feature map), `embed_dim` (D), `grid` (h, w of the mask) and `poolings` (what `pool` accepts).
+
+ViT and Swin replace masked patch tokens by one learned `mask_token` after patch embedding,
+before position embeddings (`x * (1 - w) + mask_token * w`); CNNs fill masked pixels in input
+space (`x * (1 - M) + C * M`, C the dataset mean, i.e. 0 after normalisation, or noise).
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+
+class ViTEncoder(nn.Module):
+    """timm VisionTransformer with a mask token. Mask grid = patch grid; stride = patch size."""
+    poolings = ("mean", "cls")
+
+    def __init__(self, arch: str, image_size: int, in_chans: int, **kwargs) -> None:
+        super().__init__()
+        self.vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
+                                     in_chans=in_chans, global_pool="token", **kwargs)
+        self.embed_dim = self.vit.num_features
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.stride = self.patch_size
+        self.grid = tuple(self.vit.patch_embed.grid_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels [N, C, H, W], mask [N, h, w] -> all tokens after the final norm [N, P + h*w, D]."""
+        x = self.vit.patch_embed(x)                                   # [N, L, D]
+        if mask is not None:
+            w = mask.flatten(1).unsqueeze(-1).type_as(x)              # [N, L, 1]
+            x = x * (1 - w) + self.mask_token.type_as(x) * w
+        x = self.vit._pos_embed(x)                                    # prepends cls
+        x = self.vit.norm_pre(x)
+        x = self.vit.blocks(x)
+        return self.vit.norm(x)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """-> (patch tokens as a map [N, D, h, w], prefix tokens [N, P, D])."""
+        tokens = self.forward_tokens(x, mask)
+        P = self.vit.num_prefix_tokens
+        N, L, D = tokens.shape
+        h, w = self.grid
+        fmap = tokens[:, P:].transpose(1, 2).reshape(N, D, h, w)      # NLC -> NCHW
+        return fmap, tokens[:, :P]
+
+    def pool(self, fmap: torch.Tensor, prefix: torch.Tensor | None, pooling: str) -> torch.Tensor:
+        if pooling == "cls":
+            return prefix[:, 0]
+        return fmap.mean(dim=(2, 3))
+
+
+class SwinEncoder(nn.Module):
+    """timm SwinTransformer with a mask token after the patch-embed norm. Stride 32 for Swin-B."""
+    poolings = ("mean",)
+
+    def __init__(self, arch: str, image_size: int, in_chans: int, **kwargs) -> None:
+        super().__init__()
+        self.swin = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
+                                      in_chans=in_chans, **kwargs)
+        self.embed_dim = self.swin.num_features
+        self.patch_size = self.swin.patch_embed.patch_size[0]
+        self.stride = self.swin.feature_info[-1]["reduction"]
+        self.grid = tuple(self.swin.patch_embed.grid_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.swin.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """pixels [N, C, H, W], mask [N, h, w] -> (map [N, D, H/32, W/32], None)."""
+        x = self.swin.patch_embed(x)                                  # [N, h, w, C0] (NHWC)
+        if mask is not None:
+            w = mask.unsqueeze(-1).type_as(x)                         # [N, h, w, 1]
+            x = x * (1 - w) + self.mask_token.type_as(x) * w
+        x = self.swin.layers(x)
+        x = self.swin.norm(x)                                         # [N, h', w', D]
+        return x.permute(0, 3, 1, 2), None                            # NHWC -> NCHW
+
+    def pool(self, fmap: torch.Tensor, prefix: torch.Tensor | None, pooling: str) -> torch.Tensor:
+        return fmap.mean(dim=(2, 3))
+
+
+class CNNEncoder(nn.Module):
+    """Any timm CNN; masked pixels are filled with the mean (0 after normalisation) or noise.
+
+    `patch_size` is the mask grid cell in pixels (the CNN has no tokens); noise filling is used
+    in training mode only, evaluation fills with the mean so that outputs are deterministic.
+    """
+    poolings = ("mean",)
+
+    def __init__(self, arch: str, image_size: int, in_chans: int, patch_size: int = 8,
+                 fill: str = "mean", **kwargs) -> None:
+        super().__init__()
+        if fill not in ("mean", "noise"):
+            raise ValueError(f"CNN fill must be 'mean' or 'noise', not {fill!r}")
+        self.cnn = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="",
+                                     in_chans=in_chans, **kwargs)
+        self.embed_dim = self.cnn.num_features
+        self.patch_size = patch_size
+        self.stride = self.cnn.feature_info[-1]["reduction"]
+        if image_size % self.stride or image_size % patch_size:
+            raise ValueError(f"image size {image_size} must divide by the CNN stride "
+                             f"{self.stride} and the mask cell {patch_size}")
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.fill = fill
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """pixels [N, C, H, W], mask [N, h, w] -> (map [N, D, H/stride, W/stride], None)."""
+        if mask is not None:
+            m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
+            m = m.unsqueeze(1).type_as(x)                             # [N, 1, H, W]
+            filler = torch.randn_like(x) if (self.fill == "noise" and self.training) else 0.0
+            x = x * (1 - m) + filler * m
+        return self.cnn.forward_features(x), None
+
+    def pool(self, fmap: torch.Tensor, prefix: torch.Tensor | None, pooling: str) -> torch.Tensor:
+        return fmap.mean(dim=(2, 3))
+
+
+FAMILIES = {"vit": ViTEncoder, "swin": SwinEncoder, "cnn": CNNEncoder}
+
+
+def create_encoder(family: str, arch: str, image_size: int, in_chans: int, **kwargs) -> nn.Module:
+    """Build an encoder of `family` ('vit', 'swin' or 'cnn') from the timm architecture `arch`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown encoder family {family!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[family](arch, image_size, in_chans, **kwargs)

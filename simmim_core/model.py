@@ -1,0 +1,132 @@
+"""The SimMIM module: masked encoder + light decoder + masked-pixel loss (+ optional similarity).
+
+Shapes: pixels [N, C, H, W] normalised; mask [N, h, w] at the encoder's mask grid, 1 = masked.
+`forward` returns (loss, parts, recon): parts holds every loss term as a detached float tensor.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .decoders import create_decoder
+from .encoders import create_encoder
+from .losses import cosine_loss, info_nce, perceptual_loss, reconstruction_loss, upsample_mask
+
+SIM_LOSSES = ("none", "cosine", "perceptual", "contrastive")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a SimMIM model; saved as a plain dict in checkpoints."""
+    family: str = "vit"                       # vit | swin | cnn
+    arch: str = "vit_tiny_patch16_224"        # a timm architecture name
+    image_size: int = 32
+    in_chans: int = 1
+    encoder_kwargs: dict = field(default_factory=dict)   # passed to timm.create_model
+    mask_patch_size: int = 8
+    mask_ratio: float = 0.6
+    mask_kind: str = "block"
+    decoder: str = "linear"                   # linear | transformer
+    rec_loss: str = "l1"                      # l1 | mse
+    sim_loss: str = "none"                    # none | cosine | perceptual | contrastive
+    sim_lambda: float = 1.0
+    temperature: float = 0.2                  # InfoNCE tau
+    proj_dim: int = 128                       # contrastive projection head output
+    ema_momentum: float = 0.996               # perceptual: EMA encoder as the frozen network
+    pooling: str = "mean"                     # mean | cls
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SimMIM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.sim_loss not in SIM_LOSSES:
+            raise ValueError(f"unknown similarity loss {cfg.sim_loss!r}; choose one of {SIM_LOSSES}")
+        self.cfg = cfg
+        self.encoder = create_encoder(cfg.family, cfg.arch, cfg.image_size, cfg.in_chans,
+                                      **cfg.encoder_kwargs)
+        if cfg.pooling not in self.encoder.poolings:
+            raise ValueError(f"pooling {cfg.pooling!r} is not available for {cfg.arch}; "
+                             f"choose one of {self.encoder.poolings}")
+        if cfg.mask_patch_size % self.encoder.patch_size:
+            raise ValueError(f"mask_patch_size {cfg.mask_patch_size} is not divisible by the "
+                             f"model's patch size {self.encoder.patch_size}")
+        feature_grid = (cfg.image_size // self.encoder.stride,) * 2
+        self.decoder = create_decoder(cfg.decoder, self.encoder.embed_dim, self.encoder.stride,
+                                      cfg.in_chans, feature_grid)
+        self.proj = None
+        if cfg.sim_loss == "contrastive":
+            D = self.encoder.embed_dim
+            self.proj = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.proj_dim))
+        self.ema_encoder = None
+        if cfg.sim_loss == "perceptual":
+            self.ema_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, C, H, W] -> pooled embedding [N, D] (not normalised)."""
+        fmap, prefix = self.encoder.forward_features(pixels)
+        return self.encoder.pool(fmap, prefix, self.cfg.pooling)
+
+    def reconstruct(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """pixels [N, C, H, W], mask [N, h, w] -> reconstruction [N, C, H, W] (normalised)."""
+        fmap, _ = self.encoder.forward_features(pixels, mask)
+        return self.decoder(fmap)
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor,
+                target_pixels: torch.Tensor | None = None):
+        """-> (loss, parts {'rec', 'sim', 'loss'}, recon [N, C, H, W]).
+
+        target_pixels: the view whose pooled features the reconstruction's features are compared
+        with by the cosine and contrastive terms (a second augmentation; `pixels` if None).
+        """
+        recon = self.reconstruct(pixels, mask)
+        rec = reconstruction_loss(pixels, recon, mask, self.patch_size, self.cfg.rec_loss)
+        sim = self.similarity_loss(pixels, recon, mask,
+                                   pixels if target_pixels is None else target_pixels)
+        loss = rec + self.cfg.sim_lambda * sim
+        parts = {"loss": loss.detach(), "rec": rec.detach(), "sim": sim.detach()}
+        return loss, parts, recon
+
+    def similarity_loss(self, pixels, recon, mask, target_pixels) -> torch.Tensor:
+        """L_sim between the reconstruction (visible pixels pasted back) and the original."""
+        if self.cfg.sim_loss == "none":
+            return recon.new_zeros(())
+        m = upsample_mask(mask, self.patch_size).type_as(recon)
+        composite = pixels * (1 - m) + recon * m                       # [N, C, H, W]
+        if self.cfg.sim_loss == "perceptual":
+            self.ema_encoder.eval()
+            rec_map, _ = self.ema_encoder.forward_features(composite)
+            with torch.no_grad():
+                tgt_map, _ = self.ema_encoder.forward_features(pixels)
+            return perceptual_loss(rec_map, tgt_map)
+        z_rec = self.embed(composite)
+        if self.cfg.sim_loss == "cosine":
+            with torch.no_grad():
+                z_tgt = self.embed(target_pixels)
+            return cosine_loss(z_rec, z_tgt)
+        z_tgt = self.embed(target_pixels)
+        return info_nce(self.proj(z_rec), self.proj(z_tgt), self.cfg.temperature)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA encoder <- m * EMA + (1 - m) * encoder (perceptual loss only)."""
+        if self.ema_encoder is None:
+            return
+        m = self.cfg.ema_momentum
+        for e, p in zip(self.ema_encoder.parameters(), self.encoder.parameters()):
+            e.mul_(m).add_(p.detach(), alpha=1 - m)
+        for e, b in zip(self.ema_encoder.buffers(), self.encoder.buffers()):
+            e.copy_(b)

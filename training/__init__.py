@@ -1,0 +1,1 @@
+"""Pretraining, evaluation and export of SimMIM encoders (needs torch, timm, onnx)."""

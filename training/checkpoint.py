@@ -1,0 +1,47 @@
+"""Checkpoints as plain dicts (loadable with weights_only=True), written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or not one of ours."""
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint written by `simmim pretrain`; a run folder means its checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError...
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated "
+                              f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a simmim checkpoint (format "
+                              f"{CHECKPOINT_FORMAT} expected)")
+    return ckpt
