@@ -25,6 +25,16 @@ def save_atomic(obj: dict, path: Path) -> None:
         raise
 
 
+def checkpoint_dict(model, optimizer, step: int, epoch: int, train_cfg, preprocessing,
+                    data: str) -> dict:
+    """What `simmim pretrain` saves: plain tensors, numbers, strings and dicts only."""
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "step": step, "epoch": epoch, "model_config": model.cfg.to_dict(),
+            "train_config": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
+            "data": data, "rng": {"torch": torch.get_rng_state()}}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or not one of ours."""
 

@@ -19,7 +19,7 @@ from service.preprocess import Preprocessing, preprocess
 from simmim_core.losses import upsample_mask
 from simmim_core.masking import MaskGenerator
 from simmim_core.model import ModelConfig, SimMIM
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic
 from .data import PretrainDataset, epoch_batches, load_images
 from .engine import train_one_epoch
 from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides
@@ -165,11 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     def save(epoch: int) -> None:
         if rank != 0:
             return
-        save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                     "model_config": model_cfg.to_dict(), "train_config": train_cfg.to_dict(),
-                     "preprocessing": spec.to_dict(), "data": args.data,
-                     "rng": {"torch": torch.get_rng_state()}}, out / "checkpoint.pt")
+        save_atomic(checkpoint_dict(model, optimizer, step, epoch, train_cfg, spec, args.data),
+                    out / "checkpoint.pt")
 
     def on_step(s: int, parts: dict, step_lr: float, n_images: int, seconds: float) -> None:
         nonlocal step
