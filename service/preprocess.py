@@ -22,8 +22,10 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image Pillow can decode."""
 
 
-class ImageTooLargeError(ValueError):
-    """The image has more pixels than allowed (checked from the header, before decoding)."""
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed (checked from the header, before decoding).
+
+    A kind of ImageDecodeError, so code that skips undecodable files skips these too."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ def open_image(source, max_pixels: int | None = None,
         try:
             img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview))
                              else os.fspath(source))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:  # Pillow's own limit, also from the header
+            raise ImageTooLargeError(str(e)) from None
+        except (OSError, ValueError) as e:
             raise ImageDecodeError(f"not a decodable image ({type(e).__name__})") from None
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:

@@ -1,0 +1,196 @@
+"""Dynamic batching: one asyncio task owns a bounded queue of items and feeds the model.
+
+Every image is one item carrying its own future. The task gathers items from any number of
+concurrent requests into batches of at most max_batch_size, waiting at most max_wait_s after the
+oldest item's admission for more to arrive; the model runs on a worker thread (never on the event
+loop) and each result goes back to its own future, so every caller gets exactly its own results,
+in order. Items whose request gave up (timeout, disconnect) are dropped before batching; a batch
+whose model call raises fails only its own items, and the loop keeps running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
+from .metrics import TaskMetrics
+
+log = logging.getLogger("simmim.batcher")
+
+
+@dataclass(eq=False)
+class Item:
+    input: Any
+    future: asyncio.Future
+    admitted: float                   # loop.time() at admission, seconds
+    wait_s: float = 0.0               # admission -> start of its batch
+    batch: int = -1                   # which batch ran it
+    batch_s: float = 0.0              # that batch's model call
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where one request's time went, in seconds."""
+    queue_s: float                    # longest wait of its items for a batch
+    inference_s: float                # sum of the model calls of the batches it was in
+
+
+class Batcher:
+    """`run` maps a list of item inputs to a sequence of as many outputs (on `executor`)."""
+
+    def __init__(self, name: str, run: Callable[[list], Sequence], *, max_batch_size: int,
+                 max_wait_s: float, max_queue: int, executor: Executor, metrics: TaskMetrics):
+        self.name, self._run = name, run
+        self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
+        self._executor, self._metrics = executor, metrics
+        self._queue: deque[Item] = deque()
+        self._arrived = asyncio.Event()
+        self._pending = 0                 # admitted items whose future is not done
+        self._batches = 0                 # model calls so far
+        self._batch_s = 0.0               # their moving-average duration, for Retry-After
+        self._closing = False
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def retry_after(self) -> int:
+        """Whole seconds until the items pending now have probably been answered, at least 1."""
+        batches = math.ceil(self._pending / self.max_batch_size)
+        return max(1, math.ceil(batches * self._batch_s))
+
+    async def submit(self, inputs: Sequence, timeout_s: float) -> tuple[list, Timing]:
+        """Admit every input as one item (all or none), then wait for the outputs, in order.
+
+        Raises QueueFull (no room for all of them), RequestTimeout (outputs not ready within
+        timeout_s), InferenceFailed (the model call of one of their batches raised) or
+        ShuttingDown (the batcher is closing).
+        """
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        if self._pending + len(inputs) > self.max_queue:
+            raise QueueFull(f"the {self.name} queue is full ({self._pending} of "
+                            f"{self.max_queue} images pending); retry later",
+                            headers={"Retry-After": str(self.retry_after())})
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = [Item(x, loop.create_future(), now) for x in inputs]
+        for item in items:
+            item.future.add_done_callback(self._release)
+        self._pending += len(items)
+        self._queue.extend(items)
+        self._metrics.queue_depth.set(len(self._queue))
+        self._arrived.set()
+        futures = [item.future for item in items]
+        try:
+            outputs = await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s; "
+                                 "the server is overloaded") from None
+        finally:
+            for f in futures:             # frees the rest after a failure, timeout or cancel
+                f.cancel()
+        batches = {item.batch: item.batch_s for item in items}
+        return outputs, Timing(max(item.wait_s for item in items), sum(batches.values()))
+
+    def _release(self, future: asyncio.Future) -> None:
+        self._pending -= 1
+
+    async def close(self) -> None:
+        """Take no new items, run every queued one, then stop the task."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            await self._task
+
+    async def _loop(self) -> None:
+        while (batch := await self._next_batch()) is not None:
+            try:
+                await self._run_batch(batch)
+            except Exception:             # a bug here must not strand the waiting requests
+                log.exception("%s: batch bookkeeping failed", self.name)
+                self._fail(batch)
+
+    async def _next_batch(self) -> list[Item] | None:
+        """Up to max_batch_size live items, once the batch is full, the oldest has waited
+        max_wait_s, or the batcher is closing; None when closing and nothing is left."""
+        loop = asyncio.get_running_loop()
+        batch: list[Item] = []
+        while True:
+            while self._queue and len(batch) < self.max_batch_size:
+                item = self._queue.popleft()
+                if item.future.done():    # its request timed out or went away
+                    self._metrics.dropped.inc()
+                else:
+                    batch.append(item)
+            self._metrics.queue_depth.set(len(self._queue))
+            if len(batch) == self.max_batch_size or self._closing:
+                return batch or None
+            timeout = None
+            if batch:
+                timeout = batch[0].admitted + self.max_wait_s - loop.time()
+                if timeout <= 0:
+                    return batch
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except asyncio.TimeoutError:
+                return batch
+
+    async def _run_batch(self, batch: list[Item]) -> None:
+        live = [item for item in batch if not item.future.done()]
+        self._metrics.dropped.inc(len(batch) - len(live))
+        if not live:
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        self._batches += 1
+        for item in live:
+            item.wait_s, item.batch = start - item.admitted, self._batches
+            self._metrics.queue_wait.observe(item.wait_s)
+        self._metrics.batch_size.observe(len(live))
+        self._metrics.running.set(len(live))
+        try:
+            outputs, seconds = await loop.run_in_executor(self._executor, self._call,
+                                                          [item.input for item in live])
+        except Exception:
+            log.exception("%s: model call failed for a batch of %d", self.name, len(live))
+            self._metrics.failed_batches.inc()
+            self._fail(live)
+            return
+        finally:
+            self._metrics.running.set(0)
+        self._batch_s += (seconds - self._batch_s) / min(self._batches, 20)
+        self._metrics.inference.observe(seconds)
+        self._metrics.images.inc(len(live))
+        for item, output in zip(live, outputs):
+            item.batch_s = seconds
+            if not item.future.done():
+                item.future.set_result(output)
+
+    def _call(self, inputs: list) -> tuple[Sequence, float]:
+        """On the worker thread: the model call and its duration in seconds."""
+        start = time.perf_counter()
+        outputs = self._run(inputs)
+        if len(outputs) != len(inputs):
+            raise RuntimeError(f"{len(inputs)} inputs gave {len(outputs)} outputs")
+        return outputs, time.perf_counter() - start
+
+    @staticmethod
+    def _fail(items: list[Item]) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(InferenceFailed(
+                    "the model failed on a batch holding this request's images; see the "
+                    "server log"))

@@ -1,0 +1,106 @@
+"""`simmim serve`: the HTTP service under uvicorn, with a real drain on SIGTERM.
+
+Every option is also a SIMMIM_* environment variable (service.settings.Settings); a flag given on
+the command line overrides the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Literal, get_args, get_origin
+
+import uvicorn
+from pydantic import ValidationError
+
+from .app import create_app
+from .engine import Engine
+from .errors import describe_validation
+from .logs import configure_logging
+from .model_dir import ModelDirError
+from .settings import ENV_PREFIX, Settings
+
+log = logging.getLogger("simmim.serve")
+ENV_ONLY = ("api_key",)          # secrets stay out of the process list
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simmim serve",
+        description="Serve a model directory over HTTP: POST /embed, /similarity, /reconstruct; "
+                    "GET /health/live, /health/ready, /info, /metrics, /docs. Each option can "
+                    "also be set by the environment variable named in its help; the flag wins.",
+        epilog=f"{ENV_PREFIX}API_KEY (environment only): "
+               f"{Settings.model_fields['api_key'].description}. On SIGTERM or SIGINT the "
+               "server drains: readiness and new requests answer 503 while admitted requests "
+               "finish (up to --drain-timeout-s), then it exits 0; a second signal stops it "
+               "at once.")
+    for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
+        default = field.get_default(call_default_factory=True)
+        help_ = f"{field.description} [{ENV_PREFIX}{name.upper()}; default: {default}]"
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif get_origin(field.annotation) is Literal:
+            p.add_argument(flag, choices=get_args(field.annotation), default=None, help=help_)
+        else:
+            p.add_argument(flag, metavar=name.split("_")[-1].upper(), default=None, help=help_)
+    return p
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT drains before uvicorn's own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float):
+        super().__init__(config)
+        self.engine, self.drain_timeout_s = engine, drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """A signal handler: hand the drain over to the event loop, thread-safely."""
+        if self._loop is None or self._draining:
+            return super().handle_exit(sig, frame)       # before start-up, or a second signal
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = self._loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        await self.engine.drain(self.drain_timeout_s)
+        self.should_exit = True
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    """Flags, over SIMMIM_* environment variables, over defaults. Raises ValidationError."""
+    args = build_parser().parse_args(argv)
+    return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as e:
+        print(f"simmim serve: invalid settings: {describe_validation(e)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_json, settings.log_level)
+    try:
+        app = create_app(settings)
+    except ModelDirError as e:
+        print(f"simmim serve: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, server_header=False,
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    server = DrainingServer(config, app.state.engine, settings.drain_timeout_s)
+    server.run()
+    return 0 if server.started else 1

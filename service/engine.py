@@ -1,0 +1,154 @@
+"""The core between the routes and the backend: loading, readiness, the batchers, the thread
+pools, and draining.
+
+States: loading (sessions being created and warmed up) -> ready -> draining (after SIGTERM: no
+new requests, admitted ones finish); failed if loading raised. Two thread pools: one worker runs
+every model call (so calls never compete for the cores), `decode_threads` decode images and
+encode PNGs, overlapping inference.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .backend import Backend, OnnxBackend
+from .batcher import Batcher, Timing
+from .errors import NotReady, ShuttingDown
+from .inputs import load_images
+from .metrics import Metrics
+from .model_dir import ModelDir
+from .settings import Settings
+
+log = logging.getLogger("simmim.engine")
+
+LOADING, READY, DRAINING, FAILED = "loading", "ready", "draining", "failed"
+
+
+class Engine:
+    def __init__(self, settings: Settings, model: ModelDir, metrics: Metrics,
+                 backend_factory: Callable[[], Backend] | None = None):
+        self.settings, self.model, self.metrics = settings, model, metrics
+        self.state = LOADING
+        self.backend: Backend | None = None
+        self._backend_factory = backend_factory or (lambda: OnnxBackend(
+            model, settings.provider, settings.threads, settings.max_batch_size, settings.int8))
+        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="simmim-infer")
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads,
+                                               thread_name_prefix="simmim-decode")
+        self._batchers: dict[str, Batcher] = {}
+        self._load_task: asyncio.Task | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- life cycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin loading in the background, so /health/live answers at once."""
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
+            await loop.run_in_executor(self._infer_pool, backend.warmup)
+        except Exception:
+            log.exception("loading the model from %s failed", self.model.path)
+            self.state = FAILED
+            return
+        self.backend = backend
+        self._batchers = {
+            "embed": self._batcher("embed", lambda xs: backend.embed(np.stack(xs))),
+            "reconstruct": self._batcher("reconstruct", lambda xs: backend.reconstruct(
+                np.stack([p for p, _ in xs]), np.stack([m for _, m in xs]))),
+        }
+        for batcher in self._batchers.values():
+            batcher.start()
+        if self.state == LOADING:
+            self.state = READY
+            self.metrics.ready.set(1)
+            log.info("ready: %s, warmed up at batch size %d", self.model.name,
+                     self.settings.max_batch_size)
+
+    def _batcher(self, name: str, run: Callable) -> Batcher:
+        s = self.settings
+        return Batcher(name, run, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1e3,
+                       max_queue=s.max_queue, executor=self._infer_pool,
+                       metrics=self.metrics.task(name))
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests (503) and wait up to timeout_s for admitted ones to finish;
+        True if they all did."""
+        self.state = DRAINING
+        self.metrics.ready.set(0)
+        log.info("draining: %d requests in flight", self._inflight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout: %d requests still in flight", self._inflight)
+            return False
+        log.info("drained")
+        return True
+
+    async def close(self) -> None:
+        """Stop loading, run what is still queued, and release the threads."""
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- requests -------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        if self.state == READY:
+            return
+        if self.state == DRAINING:
+            raise ShuttingDown("the server is shutting down; send new requests elsewhere")
+        message = "the model failed to load; see the server log" if self.state == FAILED \
+            else "the model is loading; retry shortly"
+        raise NotReady(message, headers={"Retry-After": "1"})
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Around one inference request: 503 unless ready; counted until it ends (for drain)."""
+        self.check_ready()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    async def load_images(self, sources: list, field: str) -> list[np.ndarray]:
+        """Request images -> float32 [C, H, W] each, decoded on the decode pool."""
+        return await load_images(sources, field, self.model.preprocessing,
+                                 self.settings.max_pixels, self._decode_pool)
+
+    async def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, Timing]:
+        """[C, H, W] each -> float32 [N, D] pooled embeddings (not normalised)."""
+        outputs, timing = await self._batchers["embed"].submit(
+            pixels, self.settings.request_timeout_s)
+        return np.stack(outputs), timing
+
+    async def reconstruct(self, pixels: np.ndarray, mask: np.ndarray
+                          ) -> tuple[np.ndarray, Timing]:
+        """[C, H, W], uint8 [h, w] -> float32 [C, H, W] normalised reconstruction."""
+        [output], timing = await self._batchers["reconstruct"].submit(
+            [(pixels, mask)], self.settings.request_timeout_s)
+        return output, timing
+
+    async def off_loop(self, fn: Callable, *args):
+        """Run CPU work (PNG encoding) on the decode pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
+
+    def info(self) -> dict:
+        return {"state": self.state, "backend": self.backend.describe() if self.backend else None}

@@ -1,0 +1,89 @@
+"""ASGI middleware: the request-body limit, and per-request observation (id, log line, metrics)."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import PayloadTooLarge, error_response
+from .metrics import Metrics
+
+access_log = logging.getLogger("simmim.access")
+
+QUIET_PATHS = ("/health/live", "/health/ready", "/metrics")   # logged at debug level only
+_REQUEST_ID = re.compile(r"[\w.:-]{1,64}")
+
+
+class BodyLimit:
+    """413 for bodies over max_bytes: at once from Content-Length, or as soon as a streamed
+    (chunked) body passes the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body over the limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(self._error())(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class Observe:
+    """Per request: an id (the client's X-Request-ID if sane, else a new one; echoed back), one
+    log line with status and timings, and the request count and latency metrics.
+
+    Routes add their timings in seconds to scope["state"]["timings"]."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: set[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status = 500                      # if the app raises before answering
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            seconds = time.perf_counter() - start
+            path = scope["path"]
+            endpoint = path if path in self.endpoints else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(seconds)
+            timings = {f"{k}_ms": round(v * 1e3, 2) for k, v in state.get("timings", {}).items()}
+            level = logging.DEBUG if path in QUIET_PATHS and status < 400 else logging.INFO
+            access_log.log(level, "%s %s", scope["method"], path, extra={
+                "request_id": request_id, "status": status, "duration_ms": round(seconds * 1e3, 2),
+                **timings, **state.get("log", {})})

@@ -1,0 +1,75 @@
+"""Request and response bodies (DESIGN §4). Requests come as JSON or as multipart/form-data;
+`files` names the fields that carry images, `lists` those that repeat."""
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ImageInput = Annotated[str | bytes, Field(
+    description="JSON: the image file's bytes in base64 (a data: URI prefix is accepted); "
+                "multipart: the file itself. URLs are not fetched.")]
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    files: ClassVar[tuple[str, ...]] = ()     # fields that hold images
+    lists: ClassVar[tuple[str, ...]] = ()     # fields that are lists (repeated in multipart)
+
+    @property
+    def image_count(self) -> int:
+        values = (getattr(self, name) for name in self.files)
+        return sum(len(v) if isinstance(v, list) else 1 for v in values if v is not None)
+
+
+class EmbedRequest(RequestBody):
+    files = lists = ("images",)
+    images: list[ImageInput] = Field(min_length=1)
+    normalize: bool = Field(True, description="L2-normalise each embedding")
+    encoding: Literal["float", "base64"] = Field(
+        "float", description="float: lists of numbers; base64: each embedding as base64 of "
+                             "float32 little-endian bytes")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    embeddings: list[list[float]] | list[str]
+
+
+class SimilarityRequest(RequestBody):
+    files = lists = ("a", "b")
+    a: list[ImageInput] = Field(min_length=1)
+    b: list[ImageInput] | None = Field(None, min_length=1,
+                                       description="omitted: a is compared with itself")
+
+
+class SimilarityResponse(BaseModel):
+    scores: list[list[float]] = Field(description="[len(a)][len(b)] cosine similarities")
+
+
+class ReconstructRequest(RequestBody):
+    files = ("image",)
+    image: ImageInput
+    mask_ratio: float | None = Field(None, gt=0, le=1, description="share of mask patches "
+                                     "hidden; default: the model's own mask_ratio")
+    seed: int | None = Field(None, ge=0, description="seed of the random mask; omitted: a "
+                                                     "fresh mask each call")
+
+
+class ReconstructResponse(BaseModel):
+    mask: list[list[int]] = Field(description="[h][w] at the encoder's patch grid, 1 = masked")
+    masked_input: str = Field(description="PNG, base64: the preprocessed image with the masked "
+                                          "patches set to the dataset mean")
+    reconstruction: str = Field(description="PNG, base64: the model's reconstruction")
+    loss: float = Field(description="mean L1 over masked pixels, in normalised pixel space")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    index: int | None = Field(None, description="which image of the list, when one is at fault")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

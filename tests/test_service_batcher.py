@@ -1,0 +1,241 @@
+"""The batcher on its own, with a fake model: batching, ordering, limits, timeouts, failures."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batcher import Batcher
+from service.errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
+from service.metrics import Metrics
+
+
+class FakeModel:
+    """Doubles each input; records every batch and the thread it ran on; can be held by a gate
+    and can fail on a chosen input."""
+
+    def __init__(self, fail_on=None):
+        self.batches: list[list] = []
+        self.threads: set[int] = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, inputs: list) -> list:
+        self.entered.set()
+        self.gate.wait()
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(inputs))
+        if self.fail_on in inputs:
+            raise ValueError("bad input")
+        return [2 * x for x in inputs]
+
+
+def run(test, model: FakeModel, **options):
+    """Run `test(batcher, metrics)` in a fresh event loop with a started batcher."""
+    async def main():
+        metrics = Metrics()
+        settings = dict(max_batch_size=4, max_wait_s=0.05, max_queue=16) | options
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("embed", model, executor=pool, metrics=metrics.task("embed"),
+                              **settings)
+            batcher.start()
+            try:
+                return await test(batcher, metrics)
+            finally:
+                model.gate.set()
+                await batcher.close()
+    return asyncio.run(main())
+
+
+async def wait_for_entry(model: FakeModel) -> None:
+    """Until the model has been called (its gate may hold it there)."""
+    await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 10)
+    assert model.entered.is_set()
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_concurrent_submits_share_batches_and_each_gets_its_own_outputs_in_order():
+    model = FakeModel()
+
+    async def test(batcher, metrics):
+        results = await asyncio.gather(batcher.submit([1, 2], 10), batcher.submit([3], 10),
+                                       batcher.submit([4, 5, 6], 10))
+        return [outputs for outputs, _ in results]
+
+    assert run(test, model) == [[2, 4], [6], [8, 10, 12]]
+    assert sorted(x for batch in model.batches for x in batch) == [1, 2, 3, 4, 5, 6]
+    assert max(len(b) for b in model.batches) == 4          # batched across requests
+
+
+def test_batches_never_exceed_max_batch_size():
+    model = FakeModel()
+
+    async def test(batcher, metrics):
+        outputs, _ = await batcher.submit(list(range(10)), 10)
+        return outputs
+
+    assert run(test, model, max_batch_size=3) == [2 * x for x in range(10)]
+    assert [len(b) for b in model.batches] == [3, 3, 3, 1]
+
+
+def test_a_lone_item_is_run_without_waiting_for_company():
+    model = FakeModel()
+
+    async def test(batcher, metrics):
+        return await batcher.submit(["x"], 10)
+
+    outputs, timing = run(test, model, max_wait_s=0.0)
+    assert outputs == ["xx"] and timing.queue_s >= 0 and timing.inference_s >= 0
+
+
+def test_items_queued_while_the_model_is_busy_form_the_next_batch():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        first = asyncio.ensure_future(batcher.submit([0], 10))
+        await wait_for_entry(model)                 # batch [0] is held inside the model
+        rest = [asyncio.ensure_future(batcher.submit([i], 10)) for i in range(1, 5)]
+        await asyncio.sleep(0)                      # let them be admitted
+        model.gate.set()
+        return [(await f)[0] for f in [first, *rest]]
+
+    assert run(test, model) == [[0], [2], [4], [6], [8]]
+    assert model.batches == [[0], [1, 2, 3, 4]]
+
+
+def test_a_full_queue_raises_queue_full_with_retry_after_and_admits_nothing():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        held = asyncio.ensure_future(batcher.submit([1, 2, 3], 10))
+        await wait_for_entry(model)
+        with pytest.raises(QueueFull) as info:
+            await batcher.submit([4, 5], 10)        # 3 + 2 > 4: none of the two is admitted
+        assert int(info.value.headers["Retry-After"]) >= 1
+        assert batcher.pending == 3
+        fits = asyncio.ensure_future(batcher.submit([4], 10))    # 3 + 1 fits
+        await asyncio.sleep(0)
+        assert batcher.pending == 4
+        model.gate.set()
+        return (await held)[0], (await fits)[0]
+
+    assert run(test, model, max_queue=4) == ([2, 4, 6], [8])
+
+
+def test_timed_out_items_are_dropped_before_batching():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        held = asyncio.ensure_future(batcher.submit(["held"], 10))
+        await wait_for_entry(model)
+        with pytest.raises(RequestTimeout):
+            await batcher.submit(["late-1", "late-2"], 0.01)
+        assert batcher.pending == 1                 # the timed-out items freed their slots
+        model.gate.set()
+        await held
+        outputs, _ = await batcher.submit(["next"], 10)
+        return outputs, sample(metrics, "simmim_items_dropped_total", task="embed")
+
+    outputs, dropped = run(test, model)
+    assert outputs == ["nextnext"] and dropped == 2
+    assert model.batches == [["held"], ["next"]]
+
+
+def test_a_cancelled_request_frees_its_slots_and_its_items_are_never_run():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        held = asyncio.ensure_future(batcher.submit([1], 10))
+        await wait_for_entry(model)
+        gone = asyncio.ensure_future(batcher.submit([2, 3], 10))
+        await asyncio.sleep(0)
+        gone.cancel()                               # e.g. the client disconnected
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.pending == 1
+        model.gate.set()
+        await held
+        return (await batcher.submit([4], 10))[0]
+
+    assert run(test, model) == [8]
+    assert [2] not in model.batches and all(2 not in b for b in model.batches)
+
+
+def test_a_failed_batch_fails_only_its_own_requests_and_the_loop_keeps_running():
+    model = FakeModel(fail_on="bad")
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        held = asyncio.ensure_future(batcher.submit(["ok-before"], 10))
+        await wait_for_entry(model)
+        doomed = [asyncio.ensure_future(batcher.submit([x], 10)) for x in ("a", "bad", "b")]
+        await asyncio.sleep(0)
+        model.gate.set()
+        assert (await held)[0] == ["ok-beforeok-before"]
+        for f in doomed:                            # all three shared the failing batch
+            with pytest.raises(InferenceFailed):
+                await f
+        after, _ = await batcher.submit(["ok-after"], 10)
+        return after, sample(metrics, "simmim_failed_batches_total", task="embed")
+
+    after, failed = run(test, model)
+    assert after == ["ok-afterok-after"] and failed == 1
+
+
+def test_the_model_runs_off_the_event_loop_thread():
+    model = FakeModel()
+    loop_threads = set()
+
+    async def test(batcher, metrics):
+        loop_threads.add(threading.get_ident())
+        return await batcher.submit([1, 2], 10)
+
+    run(test, model)
+    assert model.threads and not model.threads & loop_threads
+
+
+def test_close_runs_what_is_queued_then_refuses_new_items():
+    model = FakeModel()
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        held = asyncio.ensure_future(batcher.submit([1], 10))
+        await wait_for_entry(model)
+        queued = asyncio.ensure_future(batcher.submit([2, 3], 10))
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit([4], 10)
+        model.gate.set()
+        await closing
+        return (await held)[0], (await queued)[0]
+
+    assert run(test, model) == ([2], [4, 6])
+
+
+def test_metrics_record_batch_sizes_queue_waits_and_inference_time():
+    model = FakeModel()
+
+    async def test(batcher, metrics):
+        await batcher.submit([1, 2, 3], 10)
+        return metrics
+
+    metrics = run(test, model)
+    assert sample(metrics, "simmim_batch_size_count", task="embed") == 1
+    assert sample(metrics, "simmim_batch_size_sum", task="embed") == 3
+    assert sample(metrics, "simmim_queue_wait_seconds_count", task="embed") == 3
+    assert sample(metrics, "simmim_inference_seconds_count", task="embed") == 1
+    assert sample(metrics, "simmim_images_total", task="embed") == 3
+    assert sample(metrics, "simmim_queue_depth", task="embed") == 0
