@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up a fresh machine of this project's kind and run the whole test suite.
+#   bash tests/run.sh [pytest args...]
+# 1. a virtual environment .venv with torch (the CPU-capable wheel from the local cache) and every
+#    extra; 2. podman + podman-compose for the container test (when the workplace's setup script
+#    is there, run as root); 3. pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q torch==2.14.1 torchvision==0.29.1
+python -m pip install -q -e '.[train,serve,client,dev]'
+SETUP=../shared/tools/container-setup.sh
+if [ -f "$SETUP" ] && [ "$(id -u)" = 0 ]; then
+  bash "$SETUP"
+fi
+exec python -m pytest -q -ra "$@"
