@@ -112,6 +112,20 @@ class CNNEncoder(nn.Module):
                              f"{self.stride} and the mask cell {patch_size}")
         self.grid = (image_size // patch_size, image_size // patch_size)
         self.fill = fill
+        self._freeze_unused(in_chans, image_size)
+
+    def _freeze_unused(self, in_chans: int, image_size: int) -> None:
+        """Freeze parameters that forward_features never uses (e.g. ConvNeXt's head norm,
+        MobileNetV3's conv_head): they would get no gradient, which DDP refuses."""
+        params = [p for p in self.cnn.parameters() if p.requires_grad]
+        was_training = self.cnn.training
+        self.cnn.eval()                           # no BN statistics update, no random drops
+        out = self.cnn.forward_features(torch.zeros(1, in_chans, image_size, image_size))
+        grads = torch.autograd.grad(out.sum(), params, allow_unused=True)
+        self.cnn.train(was_training)
+        for p, g in zip(params, grads):
+            if g is None:
+                p.requires_grad_(False)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """pixels [N, C, H, W], mask [N, h, w] -> (map [N, D, H/stride, W/stride], None)."""

@@ -16,6 +16,11 @@ MASK_KINDS = ("block", "square", "stripes", "hierarchical")
 
 def check_sizes(input_size: int, mask_patch_size: int, model_patch_size: int) -> None:
     """Raise ValueError naming the numbers unless input % mask_patch == 0 == mask_patch % model_patch."""
+    sizes = {"input size": input_size, "mask_patch_size": mask_patch_size,
+             "model patch size": model_patch_size}
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be a positive number of pixels, not {value}")
     if input_size % mask_patch_size:
         raise ValueError(
             f"input size {input_size} is not divisible by mask_patch_size {mask_patch_size}")
@@ -23,6 +28,11 @@ def check_sizes(input_size: int, mask_patch_size: int, model_patch_size: int) ->
         raise ValueError(
             f"mask_patch_size {mask_patch_size} is not divisible by the model's patch size "
             f"{model_patch_size}")
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"mask ratio {ratio} is outside [0, 1]")
 
 
 def _expand(cells: np.ndarray, scale: int) -> np.ndarray:
@@ -38,8 +48,7 @@ def block_mask(rng: np.random.Generator, n: int, input_size: int, mask_patch_siz
     image. Returns uint8 [n, h, w] at the model-patch grid.
     """
     check_sizes(input_size, mask_patch_size, model_patch_size)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mask ratio {ratio} is outside [0, 1]")
+    check_ratio(ratio)
     r = input_size // mask_patch_size
     count = math.ceil(ratio * r * r)
     order = np.argsort(rng.random((n, r * r)), axis=1)[:, :count]  # [n, count] cell indices
@@ -125,6 +134,7 @@ class MaskGenerator:
         if self.kind not in _GENERATORS:
             raise ValueError(f"unknown mask kind {self.kind!r}; choose one of {MASK_KINDS}")
         check_sizes(self.input_size, self.mask_patch_size, self.model_patch_size)
+        check_ratio(self.ratio)
 
     def __call__(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return _GENERATORS[self.kind](rng, n, self.input_size, self.mask_patch_size,

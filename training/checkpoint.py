@@ -1,6 +1,7 @@
 """Checkpoints as plain dicts (loadable with weights_only=True), written atomically."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +34,16 @@ def checkpoint_dict(model, optimizer, step: int, epoch: int, train_cfg, preproce
             "step": step, "epoch": epoch, "model_config": model.cfg.to_dict(),
             "train_config": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
             "data": data, "rng": {"torch": torch.get_rng_state()}}
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and exact bytes (same bits, same digest)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class CheckpointError(ValueError):

@@ -19,12 +19,13 @@ class NonFiniteLoss(RuntimeError):
 def train_one_epoch(model, ddp_model, loader, optimizer, mask_gen: MaskGenerator, *, epoch: int,
                     start_step: int, total_steps: int, warmup_steps: int, lr: float,
                     warmup_lr: float, min_lr: float, clip_grad: float, accum_steps: int,
-                    seed: int, device: torch.device, amp_dtype, on_step) -> int:
+                    seed: int, rank: int = 0, device: torch.device, amp_dtype, on_step) -> int:
     """Train until the loader ends or `total_steps` optimizer steps are done; returns the step.
 
     `loader` yields micro-batches (view1,) or (view1, view2); a mask batch is drawn per
-    micro-batch from rng(seed, step, micro). `on_step(step, parts, lr, n_images, seconds)` is
-    called after every optimizer step.
+    micro-batch from rng(seed, step, micro) (micro: its index within the step) plus the rank when
+    it is > 0, so that ranks draw different masks and a resumed run draws the same ones.
+    `on_step(step, parts, lr, n_images, seconds)` is called after every optimizer step.
     """
     step = start_step
     micro = 0
@@ -35,7 +36,8 @@ def train_one_epoch(model, ddp_model, loader, optimizer, mask_gen: MaskGenerator
             break
         pixels = views[0].to(device, non_blocking=True)
         target = views[1].to(device, non_blocking=True) if len(views) > 1 else None
-        rng = np.random.default_rng([seed, step, micro, 11])
+        rng = np.random.default_rng([seed, step, micro % accum_steps, 11]
+                                    + ([rank] if rank else []))
         mask = torch.from_numpy(mask_gen(rng, pixels.shape[0])).to(device)
         sync = (micro + 1) % accum_steps == 0
         no_sync = ddp_model.no_sync if (not sync and hasattr(ddp_model, "no_sync")) else nullcontext

@@ -66,6 +66,7 @@ def knn_top1(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
              query_labels: np.ndarray, k: int = 20, temperature: float = 0.07,
              chunk: int = 1024) -> float:
     """Weighted kNN top-1: cosine similarity, the k nearest vote with weight exp(sim / T)."""
+    k = min(k, len(bank))
     bank_t = F.normalize(torch.from_numpy(bank), dim=1)
     n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     labels_t = torch.from_numpy(bank_labels).long()
@@ -89,6 +90,8 @@ def linear_probe_top1(train: np.ndarray, train_labels: np.ndarray, test: np.ndar
     y = torch.from_numpy(train_labels).long()
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     head = torch.nn.Linear(x.shape[1], n_classes)
+    torch.nn.init.zeros_(head.weight)       # start from "no opinion", not a random guess
+    torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     steps = epochs * ((len(x) + 255) // 256)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -105,9 +108,11 @@ def linear_probe_top1(train: np.ndarray, train_labels: np.ndarray, test: np.ndar
 
 def split_labeled(spec: str, test_spec: str | None):
     """(bank, queries) image sources: fashion-mnist train/test, or a folder (+ test folder)."""
-    if spec.startswith("fashion-mnist") or spec.startswith("synthetic"):
-        name = spec.split(":")[0]
+    name = spec.partition(":")[0]
+    if name == "fashion-mnist":
         return load_images(name, "train"), load_images(name, "test")
+    if name == "synthetic":                   # synthetic:N keeps its N for both splits
+        return load_images(spec, "train"), load_images(spec, "test")
     if test_spec is None:
         sys.exit("simmim evaluate: a folder needs --test-data (a folder with the same classes)")
     return load_images(spec), load_images(test_spec)

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
 MODEL_HELP = {
     "family": "encoder family: vit, swin or cnn",
     "arch": "timm architecture name (e.g. vit_base_patch16_224, swin_base_patch4_window7_224, resnet50)",
     "image_size": "input size in pixels (square); must divide by --mask-patch-size",
     "in_chans": "input channels: 1 (gray) or 3 (RGB)",
+    "encoder_kwargs": "JSON object of extra keyword arguments for timm.create_model (replaces the "
+                      "preset's), e.g. '{\"embed_dim\": 192, \"depth\": 12}'; for cnn also "
+                      "patch_size (mask cell in pixels) and fill (mean or noise)",
     "mask_patch_size": "side of one mask block in pixels; must divide by the encoder's patch size",
     "mask_ratio": "fraction of mask blocks masked (ceil(ratio * blocks) of them)",
     "mask_kind": "mask generator: block (SimMIM), square, stripes or hierarchical",
@@ -54,6 +58,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, not {text!r}")
+    return value
+
+
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict, title: str) -> None:
     """One --flag per field of `cls`, default None (meaning: keep the preset's value)."""
     group = parser.add_argument_group(title)
@@ -65,11 +79,13 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict, tit
         kw = dict(dest=f.name, default=None, help=helps[f.name])
         if isinstance(default, bool):
             kw["type"] = _bool
+        elif isinstance(default, dict):
+            kw["type"] = _json_object
         elif isinstance(default, tuple):
             kw.update(type=float, nargs="+")
-        elif isinstance(default, float):
-            kw["type"] = float
-        elif isinstance(default, int) or f.name == "steps":
+        elif isinstance(default, float) or str(f.type).startswith("float"):
+            kw["type"] = float                  # by annotation: `epochs: float = 100` takes 0.5
+        elif isinstance(default, int) or str(f.type).startswith("int"):
             kw["type"] = int
         group.add_argument(flag, **kw)
 

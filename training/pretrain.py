@@ -19,7 +19,7 @@ from service.preprocess import Preprocessing, preprocess
 from simmim_core.losses import upsample_mask
 from simmim_core.masking import MaskGenerator
 from simmim_core.model import ModelConfig, SimMIM
-from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic
+from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic, state_digest
 from .data import PretrainDataset, epoch_batches, load_images
 from .engine import train_one_epoch
 from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides
@@ -51,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NO_DECAY_SUFFIXES = ("mask_token", "cls_token", "reg_token", "dist_token", "pos_embed")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay for biases, norms, mask/cls tokens and position embeddings (1-d or named)."""
+    """No weight decay for biases, norms, tokens, position embeddings and Swin's relative position
+    bias tables (1-d or named), as SimMIM's no_weight_decay() and no_weight_decay_keywords()."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(("mask_token", "cls_token", "pos_embed"))
+        skip = (p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
+                or "relative_position_bias_table" in name)
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
@@ -186,16 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         dataset.epoch = epoch
         batches = epoch_batches(len(dataset), train_cfg.batch_size, train_cfg.seed, epoch, rank,
                                 world)[:steps_per_epoch * train_cfg.accum_steps]
+        # its own generator: the loader's seed draw must not advance torch's global RNG, which
+        # drop_path and noise filling use, or a resumed run would diverge from a straight one
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batches[done_in_epoch * train_cfg.accum_steps:],
-            num_workers=train_cfg.workers, pin_memory=device.type == "cuda")
+            num_workers=train_cfg.workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(train_cfg.seed + epoch))
         step = train_one_epoch(
             model, ddp_model, loader, optimizer, mask_gen, epoch=epoch, start_step=step,
             total_steps=total_steps, warmup_steps=warmup_steps, lr=lr,
             warmup_lr=train_cfg.warmup_lr, min_lr=train_cfg.min_lr,
             clip_grad=train_cfg.clip_grad, accum_steps=train_cfg.accum_steps,
-            seed=train_cfg.seed, device=device, amp_dtype=amp_dtype(train_cfg.amp, device),
-            on_step=on_step)
+            seed=train_cfg.seed, rank=rank, device=device,
+            amp_dtype=amp_dtype(train_cfg.amp, device), on_step=on_step)
         save(step // steps_per_epoch)
         if rank == 0:
             write_pictures(model, source, spec, mask_gen, out, epoch, device)
@@ -205,8 +213,19 @@ def main(argv: list[str] | None = None) -> int:
                                   "seconds": round(time.time() - started, 1)}) + "\n")
         metrics.close()
     if world > 1:
+        check_replicas_agree(model, rank, world)
         dist.destroy_process_group()
     return 0
+
+
+def check_replicas_agree(model: torch.nn.Module, rank: int, world: int) -> None:
+    """DDP keeps every replica identical; verify it bit for bit at the end of a run."""
+    digests = [None] * world
+    dist.all_gather_object(digests, state_digest(model.state_dict()))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the {world} replicas ended with different parameters: {digests}")
+    if rank == 0:
+        print(f"parameters identical on all {world} ranks (sha256 {digests[0]})", flush=True)
 
 
 @torch.no_grad()
