@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .decoders import create_decoder
 from .encoders import create_encoder
@@ -36,10 +37,17 @@ class ModelConfig:
     temperature: float = 0.2                  # InfoNCE tau
     proj_dim: int = 128                       # contrastive projection head output
     ema_momentum: float = 0.996               # perceptual: EMA encoder as the frozen network
-    pooling: str = "mean"                     # mean | cls
+    pooling: str = "mean"                     # mean | cls | gridK (K x K average grid)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def grid_size(pooling: str) -> int | None:
+    """K for 'gridK' pooling, else None."""
+    if pooling.startswith("grid") and pooling[4:].isdigit() and int(pooling[4:]) > 0:
+        return int(pooling[4:])
+    return None
 
 
 class SimMIM(nn.Module):
@@ -50,18 +58,22 @@ class SimMIM(nn.Module):
         self.cfg = cfg
         self.encoder = create_encoder(cfg.family, cfg.arch, cfg.image_size, cfg.in_chans,
                                       **cfg.encoder_kwargs)
-        if cfg.pooling not in self.encoder.poolings:
+        feature_size = cfg.image_size // self.encoder.stride
+        self.grid_pool = grid_size(cfg.pooling)
+        if self.grid_pool is None and cfg.pooling not in self.encoder.poolings:
             raise ValueError(f"pooling {cfg.pooling!r} is not available for {cfg.arch}; "
-                             f"choose one of {self.encoder.poolings}")
+                             f"choose one of {self.encoder.poolings} or gridK")
+        if self.grid_pool is not None and feature_size % self.grid_pool:
+            raise ValueError(f"pooling {cfg.pooling!r} needs a feature map divisible by "
+                             f"{self.grid_pool}; {cfg.arch} gives {feature_size}x{feature_size}")
         if cfg.mask_patch_size % self.encoder.patch_size:
             raise ValueError(f"mask_patch_size {cfg.mask_patch_size} is not divisible by the "
                              f"model's patch size {self.encoder.patch_size}")
-        feature_grid = (cfg.image_size // self.encoder.stride,) * 2
         self.decoder = create_decoder(cfg.decoder, self.encoder.embed_dim, self.encoder.stride,
-                                      cfg.in_chans, feature_grid)
+                                      cfg.in_chans, (feature_size, feature_size))
         self.proj = None
         if cfg.sim_loss == "contrastive":
-            D = self.encoder.embed_dim
+            D = self.embedding_dim
             self.proj = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.proj_dim))
         self.ema_encoder = None
         if cfg.sim_loss == "perceptual":
@@ -73,11 +85,23 @@ class SimMIM(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        """Width D of the encoder's tokens."""
         return self.encoder.embed_dim
 
+    @property
+    def embedding_dim(self) -> int:
+        """Size of `embed`'s output: D, or D * K * K for gridK pooling."""
+        return self.embed_dim * (self.grid_pool or 1) ** 2
+
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [N, C, H, W] -> pooled embedding [N, D] (not normalised)."""
+        """pixels [N, C, H, W] -> pooled embedding [N, embedding_dim] (not normalised).
+
+        mean: average of the patch tokens after the final norm; cls: the class token; gridK: the
+        feature map average-pooled to K x K cells and flattened (keeps where things are).
+        """
         fmap, prefix = self.encoder.forward_features(pixels)
+        if self.grid_pool is not None:
+            return F.adaptive_avg_pool2d(fmap, self.grid_pool).flatten(1)
         return self.encoder.pool(fmap, prefix, self.cfg.pooling)
 
     def reconstruct(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,17 @@ def test_an_unknown_format_version_is_refused(tiny_model_dir, tmp_path):
     (copy / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelDirError, match="format_version"):
         load_model_dir(copy)
+
+
+def test_grid_pooling_exports_a_flattened_grid_that_matches_pytorch(tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt", TINY["vit"])
+    folder = export_model_dir(tmp_path / "ckpt.pt", tmp_path / "model", pooling="grid2")
+    card = json.loads((folder / "model.json").read_text())
+    assert card["pooling"] == "grid2" and card["embedding_dim"] == 32 * 2 * 2
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = ort.InferenceSession(str(folder / ENCODER)).run(["embedding"], {"pixels": pixels})[0]
+    model = write_checkpoint(tmp_path / "again.pt", TINY["vit"])
+    with torch.no_grad():
+        fmap, _ = model.encoder.forward_features(torch.from_numpy(pixels))   # [3, 32, 8, 8]
+        expected = fmap.reshape(3, 32, 2, 4, 2, 4).mean((3, 5)).flatten(1).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)

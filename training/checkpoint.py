@@ -66,3 +66,26 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path} is not a simmim checkpoint (format "
                               f"{CHECKPOINT_FORMAT} expected)")
     return ckpt
+
+
+def inference_model(checkpoint, pooling: str | None = None):
+    """(SimMIM in eval mode, checkpoint dict) without the training-only heads (projection, EMA).
+
+    pooling overrides the checkpoint's embedding pooling (it has no weights of its own).
+    Raises CheckpointError when the weights do not fit the recorded architecture.
+    """
+    from dataclasses import replace
+    from simmim_core.model import ModelConfig, SimMIM
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+        cfg = replace(cfg, sim_loss="none", pooling=pooling or cfg.pooling)
+        model = SimMIM(cfg)
+        state = {k: v for k, v in ckpt["model"].items()
+                 if not k.startswith(("proj.", "ema_encoder."))}
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {checkpoint} does not match its architecture: "
+                              f"{first[:200]}") from None
+    return model.eval(), ckpt

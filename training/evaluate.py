@@ -32,14 +32,10 @@ def batched_embed(source, spec: Preprocessing, fn, batch_size: int, progress: bo
     return np.concatenate(out)
 
 
-def checkpoint_embedder(path):
-    """(preprocessing, fn) for a training checkpoint, run in PyTorch on the CPU/GPU."""
-    from simmim_core.model import ModelConfig, SimMIM
-    from .checkpoint import load_checkpoint
-    ckpt = load_checkpoint(path)
-    model = SimMIM(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+def checkpoint_embedder(path, pooling: str | None = None):
+    """(preprocessing, fn) for a training checkpoint, run in PyTorch on the CPU."""
+    from .checkpoint import inference_model
+    model, ckpt = inference_model(path, pooling)
 
     @torch.no_grad()
     def fn(pixels):
@@ -153,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist",
                    help="fashion-mnist, synthetic, or a folder with one subfolder per class")
     p.add_argument("--test-data", help="test folder (when --data is a folder)")
+    p.add_argument("--pooling", help="with --checkpoint: override the embedding pooling "
+                   "(mean, cls, gridK)")
     p.add_argument("--int8", action="store_true", help="use encoder.int8.onnx of --model-dir")
     p.add_argument("--image-size", type=int, default=32, help="pixel baseline: image size")
     p.add_argument("--k", type=int, default=20, help="neighbours that vote")
@@ -167,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.checkpoint:
-        embedder, what = checkpoint_embedder(args.checkpoint), {"checkpoint": args.checkpoint}
+        embedder = checkpoint_embedder(args.checkpoint, args.pooling)
+        what = {"checkpoint": args.checkpoint, "pooling": args.pooling}
     elif args.model_dir:
         embedder = model_dir_embedder(args.model_dir, args.int8)
         what = {"model_dir": args.model_dir, "int8": args.int8}

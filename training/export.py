@@ -25,8 +25,8 @@ from service.model_dir import (CARD, ENCODER, ENCODER_INT8, FORMAT_VERSION, RECO
                                load_model_dir, sha256_file)
 from service.preprocess import Preprocessing, preprocess
 from simmim_core.masking import block_mask
-from simmim_core.model import ModelConfig, SimMIM
-from .checkpoint import CheckpointError, load_checkpoint
+from simmim_core.model import SimMIM
+from .checkpoint import CheckpointError, inference_model
 
 OPSETS = range(18, 24)           # what torch.onnx's dynamo exporter emits and onnxruntime runs
 EMBED_ATOL, RECON_ATOL = 1e-4, 1e-3
@@ -56,18 +56,6 @@ class ReconstructGraph(torch.nn.Module):
 
     def forward(self, pixels, mask):
         return self.model.reconstruct(pixels, mask)
-
-
-def load_model(checkpoint) -> tuple[SimMIM, dict]:
-    ckpt = load_checkpoint(checkpoint)
-    try:
-        model = SimMIM(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {checkpoint} does not match its architecture: "
-                              f"{first[:200]}") from None
-    return model.eval(), ckpt
 
 
 def _onnx_export(module, args: tuple, path: Path, inputs: list[str], output: str, opset: int):
@@ -155,7 +143,8 @@ def _run_info(checkpoint: Path, ckpt: dict) -> dict:
 
 def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 18,
                      name: str | None = None, parity_data: str | None = None,
-                     eval_data: str | None = None, progress: bool = False) -> Path:
+                     eval_data: str | None = None, pooling: str | None = None,
+                     progress: bool = False) -> Path:
     """Export `checkpoint` (a run folder or .pt) to the model directory `out`; returns `out`."""
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists():
@@ -163,7 +152,7 @@ def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} is not supported; choose one of "
                           f"{OPSETS.start}..{OPSETS.stop - 1}")
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = inference_model(checkpoint, pooling)
     cfg = model.cfg
     spec = Preprocessing.from_dict(ckpt["preprocessing"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +184,7 @@ def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 
             "patch_size": model.patch_size, "mask_patch_size": cfg.mask_patch_size,
             "mask_ratio": cfg.mask_ratio, "mask_dtype": "float32",
             "preprocessing": spec.to_dict(),
-            "embedding_dim": model.embed_dim, "pooling": cfg.pooling,
+            "embedding_dim": model.embedding_dim, "pooling": cfg.pooling,
             "pretraining": {"sim_loss": cfg.sim_loss, "sim_lambda": cfg.sim_lambda,
                             "rec_loss": cfg.rec_loss, "decoder": cfg.decoder,
                             "mask_kind": cfg.mask_kind},
@@ -252,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint's training data)")
     p.add_argument("--eval-data", help="labeled data SPEC (e.g. fashion-mnist): measure kNN and "
                    "linear-probe top-1 through the ONNX files and record them in model.json")
+    p.add_argument("--pooling", help="embedding pooling of encoder.onnx, overriding the "
+                   "checkpoint's: mean, cls (ViT) or gridK (K x K average grid, flattened)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -261,7 +252,8 @@ def main(argv=None) -> int:
     try:
         out = export_model_dir(args.checkpoint, args.out, int8=args.int8, opset=args.opset,
                                name=args.name, parity_data=args.parity_data,
-                               eval_data=args.eval_data, progress=not args.no_progress)
+                               eval_data=args.eval_data, pooling=args.pooling,
+                               progress=not args.no_progress)
     except (ExportError, CheckpointError) as e:
         print(f"simmim export: {e}", file=sys.stderr)
         return 1
