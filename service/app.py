@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import time
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from simmim_core.masking import check_sizes
 from . import reconstruction
@@ -32,6 +34,7 @@ try:
     __version__ = version("simmim-service")
 except PackageNotFoundError:
     __version__ = "unknown"
+
 
 def error_docs(*exceptions) -> dict:
     """OpenAPI `responses` for the given ServiceError types (by status)."""
@@ -60,9 +63,10 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def record_timings(request: Request, decode_s: float, timing: Timing, images: int) -> dict:
-    """Store timings for the access log; return them as response headers (milliseconds)."""
-    seconds = {"decode": decode_s, "queue": timing.queue_s, "inference": timing.inference_s}
+def record_timings(request: Request, timing: Timing, images: int) -> dict:
+    """Store the request's timings for the access log; return them as response headers (ms)."""
+    seconds = {"decode": request.state.decode_s, "queue": timing.queue_s,
+               "inference": timing.inference_s}
     request.state.timings = seconds
     request.state.log = {"images": images}
     return {f"x-{k}-time-ms": f"{v * 1e3:.2f}" for k, v in seconds.items()}
@@ -82,14 +86,12 @@ def wants_png(request: Request) -> bool:
     return quality.get("image/png", 0) > json_q
 
 
-def api_key_guard(settings: Settings):
+def api_key_guard(key: SecretStr):
     """A dependency that demands 'Authorization: Bearer <key>' (constant-time comparison)."""
-    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    expected = key.get_secret_value().encode()
     bearer = HTTPBearer(auto_error=False, description="the server's SIMMIM_API_KEY")
 
     async def guard(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if expected is None:
-            return
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
                                                           expected):
             raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'",
@@ -120,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
                               f"{model.name!r} (onnxruntime, dynamic batching).")
     app.state.engine = engine
     install_error_handlers(app)
-    guarded = [Depends(api_key_guard(settings))]
+    guarded = [Depends(api_key_guard(settings.api_key))] if settings.api_key else []
     failures = error_docs(*ERRORS)
 
     @app.get("/health/live", tags=["health"])
@@ -147,42 +149,52 @@ def create_app(settings: Settings) -> FastAPI:
         """Prometheus text format."""
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    async def load(request: Request, sources: list, field: str) -> list[np.ndarray]:
+        """Decode and preprocess (off the loop), adding the time to the request's decode_s."""
+        start = time.perf_counter()
+        pixels = await engine.load_images(sources, field)
+        request.state.decode_s = getattr(request.state, "decode_s", 0.0) + (
+            time.perf_counter() - start)
+        return pixels
+
+    async def answer(request: Request, timing: Timing, images: int, render) -> Response:
+        """JSON rendered off the loop by render() -> dict, with the timing headers."""
+        headers = record_timings(request, timing, images)
+        body = await engine.off_loop(lambda: json.dumps(render(), separators=(",", ":"),
+                                                        allow_nan=False).encode())
+        return Response(body, media_type="application/json", headers=headers)
+
     @app.post("/embed", dependencies=guarded, response_model=EmbedResponse,
               openapi_extra=request_body_docs(EmbedRequest), responses=failures)
-    async def embed(request: Request) -> JSONResponse:
+    async def embed(request: Request) -> Response:
         """Embed images: [N, D] float32 pooled encoder outputs, L2-normalised unless
         normalize=false; as numbers, or as base64 of little-endian float32."""
         async with engine.admit():
             body = await read_body(request, EmbedRequest, settings.max_images)
-            start = time.perf_counter()
-            pixels = await engine.load_images(body.images, "images")
-            decode_s = time.perf_counter() - start
-            vectors, timing = await engine.embed(pixels)
+            vectors, timing = await engine.embed(await load(request, body.images, "images"))
             if body.normalize:
                 vectors = l2_normalize(vectors)
-            if body.encoding == "base64":
-                out = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-            else:
-                out = vectors.tolist()
-            headers = record_timings(request, decode_s, timing, len(pixels))
-            return JSONResponse({"model": model.name, "dim": int(vectors.shape[1]),
-                                 "embeddings": out}, headers=headers)
+
+            def render() -> dict:
+                out = ([base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+                       if body.encoding == "base64" else vectors.tolist())
+                return {"model": model.name, "dim": int(vectors.shape[1]), "embeddings": out}
+            return await answer(request, timing, len(vectors), render)
 
     @app.post("/similarity", dependencies=guarded, response_model=SimilarityResponse,
               openapi_extra=request_body_docs(SimilarityRequest), responses=failures)
-    async def similarity(request: Request) -> JSONResponse:
+    async def similarity(request: Request) -> Response:
         """Cosine similarity of every image in a with every image in b (b omitted: a)."""
         async with engine.admit():
             body = await read_body(request, SimilarityRequest, settings.max_images)
-            start = time.perf_counter()
-            a = await engine.load_images(body.a, "a")
-            b = await engine.load_images(body.b, "b") if body.b is not None else []
-            decode_s = time.perf_counter() - start
+            a = await load(request, body.a, "a")
+            b = await load(request, body.b, "b") if body.b is not None else []
             vectors, timing = await engine.embed(a + b)
             vectors = l2_normalize(vectors)
-            va, vb = vectors[:len(a)], vectors[len(a):] if b else vectors[:len(a)]
-            headers = record_timings(request, decode_s, timing, len(a) + len(b))
-            return JSONResponse({"scores": (va @ vb.T).tolist()}, headers=headers)
+            va = vectors[:len(a)]
+            vb = vectors[len(a):] if b else va
+            return await answer(request, timing, len(vectors),
+                                lambda: {"scores": (va @ vb.T).tolist()})
 
     @app.post("/reconstruct", dependencies=guarded, response_model=ReconstructResponse,
               openapi_extra=request_body_docs(ReconstructRequest),
@@ -193,26 +205,22 @@ def create_app(settings: Settings) -> FastAPI:
         """Mask the image with SimMIM's random block mask and reconstruct it."""
         async with engine.admit():
             body = await read_body(request, ReconstructRequest, settings.max_images)
-            start = time.perf_counter()
-            [pixels] = await engine.load_images([body.image], "image")
-            decode_s = time.perf_counter() - start
+            [pixels] = await load(request, [body.image], "image")
             ratio = card["mask_ratio"] if body.mask_ratio is None else body.mask_ratio
             mask = reconstruction.random_mask(card, ratio, body.seed)
             output, timing = await engine.reconstruct(pixels, mask)
-            headers = record_timings(request, decode_s, timing, 1)
             patch, spec = card["patch_size"], model.preprocessing
             if wants_png(request):
                 picture = await engine.off_loop(reconstruction.side_by_side, pixels, mask,
                                                 output, spec, patch)
+                headers = record_timings(request, timing, 1)
                 return Response(picture, media_type="image/png", headers=headers)
-            masked, rebuilt = await engine.off_loop(lambda: (
-                reconstruction.png(reconstruction.masked_input(pixels, mask, patch), spec),
-                reconstruction.png(output, spec)))
-            return JSONResponse({
+            return await answer(request, timing, 1, lambda: {
                 "mask": mask.tolist(),
-                "masked_input": base64.b64encode(masked).decode(),
-                "reconstruction": base64.b64encode(rebuilt).decode(),
-                "loss": reconstruction.masked_l1(pixels, output, mask, patch)}, headers=headers)
+                "masked_input": base64.b64encode(reconstruction.png(
+                    reconstruction.masked_input(pixels, mask, patch), spec)).decode(),
+                "reconstruction": base64.b64encode(reconstruction.png(output, spec)).decode(),
+                "loss": reconstruction.masked_l1(pixels, output, mask, patch)})
 
     endpoints = {route.path for route in app.routes}
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)

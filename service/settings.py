@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .model_dir import default_model_path
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="log one JSON object per line")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info",
                                                                    description="log level")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value):
+        return None if value in ("", None) else value
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> "Settings":

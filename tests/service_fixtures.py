@@ -49,20 +49,22 @@ class ServerProcess:
     """`simmim serve` through tests/service_launcher.py (torch blocked), logging to a file.
 
     env: extra SIMMIM_* settings; gated: every model call waits for open_gate() (the warm-up
-    too, so a gated server starts unready).
+    too, so a gated server starts unready); program: another command line that takes the
+    serve options, instead of the launcher; args: more serve options.
     """
 
     def __init__(self, model_dir: Path, workdir: Path, env: dict[str, str] | None = None,
-                 gated: bool = False, api_key: str | None = API_KEY):
+                 gated: bool = False, api_key: str | None = API_KEY,
+                 program: list[str] | None = None, args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = workdir / "server.log"
         self.gate_file = workdir / "gate" if gated else None
-        cmd = [sys.executable, str(LAUNCHER)]
+        cmd = list(program or [sys.executable, str(LAUNCHER)])
         if gated:
             cmd += ["--gate", str(self.gate_file)]
-        cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1"]
+        cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1", *args]
         full_env = {**os.environ, "SIMMIM_LOG_LEVEL": "info", **(env or {})}
         full_env.pop("SIMMIM_API_KEY", None)
         if api_key:
