@@ -4,12 +4,15 @@ Layers: routes (here) -> engine (readiness, batchers, thread pools) -> backend (
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -21,7 +24,7 @@ from simmim_core.masking import check_sizes
 from . import reconstruction
 from .batcher import Timing
 from .engine import Engine
-from .errors import ERRORS, NotReady, Unauthorized, install_error_handlers
+from .errors import ERRORS, ClientDisconnected, NotReady, Unauthorized, install_error_handlers
 from .inputs import read_body
 from .metrics import Metrics
 from .middleware import BodyLimit, Observe
@@ -34,6 +37,8 @@ try:
     __version__ = version("simmim-service")
 except PackageNotFoundError:
     __version__ = "unknown"
+
+T = TypeVar("T")
 
 
 def error_docs(*exceptions) -> dict:
@@ -84,6 +89,28 @@ def wants_png(request: Request) -> bool:
             continue
     json_q = max(quality.get("application/json", 0), quality.get("*/*", 0))
     return quality.get("image/png", 0) > json_q
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` (after the body has been read); if the client goes away first, cancel it,
+    so that its items leave the queue, and answer 499 (to the log: nobody reads it)."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:                    # this request itself is being cancelled
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})           # let it unwind: its queue slots are freed
+        raise ClientDisconnected("the client closed the connection before the results")
+    return task.result()
 
 
 def api_key_guard(key: SecretStr):
@@ -171,7 +198,8 @@ def create_app(settings: Settings) -> FastAPI:
         normalize=false; as numbers, or as base64 of little-endian float32."""
         async with engine.admit():
             body = await read_body(request, EmbedRequest, settings.max_images)
-            vectors, timing = await engine.embed(await load(request, body.images, "images"))
+            pixels = await load(request, body.images, "images")
+            vectors, timing = await cancel_on_disconnect(request, engine.embed(pixels))
             if body.normalize:
                 vectors = l2_normalize(vectors)
 
@@ -189,7 +217,7 @@ def create_app(settings: Settings) -> FastAPI:
             body = await read_body(request, SimilarityRequest, settings.max_images)
             a = await load(request, body.a, "a")
             b = await load(request, body.b, "b") if body.b is not None else []
-            vectors, timing = await engine.embed(a + b)
+            vectors, timing = await cancel_on_disconnect(request, engine.embed(a + b))
             vectors = l2_normalize(vectors)
             va = vectors[:len(a)]
             vb = vectors[len(a):] if b else va
@@ -208,7 +236,8 @@ def create_app(settings: Settings) -> FastAPI:
             [pixels] = await load(request, [body.image], "image")
             ratio = card["mask_ratio"] if body.mask_ratio is None else body.mask_ratio
             mask = reconstruction.random_mask(card, ratio, body.seed)
-            output, timing = await engine.reconstruct(pixels, mask)
+            output, timing = await cancel_on_disconnect(request,
+                                                        engine.reconstruct(pixels, mask))
             patch, spec = card["patch_size"], model.preprocessing
             if wants_png(request):
                 picture = await engine.off_loop(reconstruction.side_by_side, pixels, mask,

@@ -94,13 +94,18 @@ class Batcher:
         self._arrived.set()
         futures = [item.future for item in items]
         try:
-            outputs = await asyncio.wait_for(asyncio.gather(*futures), timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s; "
-                                 "the server is overloaded") from None
+            done, pending = await asyncio.wait(futures, timeout=timeout_s,
+                                               return_when=asyncio.FIRST_EXCEPTION)
         finally:
             for f in futures:             # frees the rest after a failure, timeout or cancel
                 f.cancel()
+        errors = [f.exception() for f in done if not f.cancelled()]
+        if any(errors):
+            raise next(e for e in errors if e)
+        if pending:
+            raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s; "
+                                 "the server is overloaded")
+        outputs = [f.result() for f in futures]
         batches = {item.batch: item.batch_s for item in items}
         return outputs, Timing(max(item.wait_s for item in items), sum(batches.values()))
 

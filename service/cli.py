@@ -15,7 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from .app import create_app
-from .engine import Engine
+from .engine import FAILED, Engine
 from .errors import describe_validation
 from .logs import configure_logging
 from .model_dir import ModelDirError
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"{Settings.model_fields['api_key'].description}. On SIGTERM or SIGINT the "
                "server drains: readiness and new requests answer 503 while admitted requests "
                "finish (up to --drain-timeout-s), then it exits 0; a second signal stops it "
-               "at once.")
+               "at once. If the model fails to load, the server exits with status 1.")
     for name, field in Settings.model_fields.items():
         if name in ENV_ONLY:
             continue
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that the first SIGTERM/SIGINT drains before uvicorn's own shutdown."""
+    """uvicorn, except that the first SIGTERM/SIGINT drains before uvicorn's own shutdown, and
+    that a model that fails to load stops the server (load_failed)."""
 
     def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float):
         super().__init__(config)
@@ -60,10 +61,18 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._drain_task: asyncio.Task | None = None
+        self.load_failed = False
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.state == FAILED:
+            log.error("the model failed to load (see above); stopping")
+            self.load_failed = True
+            return True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame) -> None:
         """A signal handler: hand the drain over to the event loop, thread-safely."""
@@ -103,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=settings.drain_timeout_s)
     server = DrainingServer(config, app.state.engine, settings.drain_timeout_s)
     server.run()
-    return 0 if server.started else 1
+    return 0 if server.started and not server.load_failed else 1

@@ -62,6 +62,10 @@ class InferenceFailed(ServiceError):
     """The model call for a batch raised; details are in the server log only."""
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away before its results were ready (logged; nobody reads the answer)."""
+
+
 class NotReady(ServiceError):
     """The model is still loading or warming up."""
 
@@ -83,6 +87,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     UnsupportedMediaType: (415, "unsupported_media_type"),
     InvalidRequest: (422, "invalid_request"),
     QueueFull: (429, "queue_full"),
+    ClientDisconnected: (499, "client_closed_request"),
     InferenceFailed: (500, "inference_failed"),
     NotReady: (503, "not_ready"),
     ShuttingDown: (503, "shutting_down"),

@@ -54,9 +54,8 @@ class Metrics:
                                 "their request timed out or went away", ["task"], registry=r)
         self._failed = Counter("simmim_failed_batches", "model calls that raised", ["task"],
                                registry=r)
-        self._images = Counter("simmim_images", "images processed by the model", ["task"],
-                               registry=r)
-        self.images_embedded = self._images.labels("embed")
+        self._images = Counter("simmim_images", "images processed by the model (task embed: "
+                               "images embedded)", ["task"], registry=r)
 
     def task(self, name: str) -> TaskMetrics:
         return TaskMetrics(*(m.labels(name) for m in (

@@ -140,6 +140,7 @@ def test_timed_out_items_are_dropped_before_batching():
         await wait_for_entry(model)
         with pytest.raises(RequestTimeout):
             await batcher.submit(["late-1", "late-2"], 0.01)
+        await asyncio.sleep(0)                      # one loop turn: the done callbacks run
         assert batcher.pending == 1                 # the timed-out items freed their slots
         model.gate.set()
         await held

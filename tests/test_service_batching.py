@@ -3,6 +3,8 @@ so that queue states are reached deterministically (waiting on metrics, not on t
 from __future__ import annotations
 
 import base64
+import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -73,3 +75,21 @@ def test_a_full_queue_gets_429_with_retry_after_and_the_server_recovers(server, 
         server.open_gate()
         assert holder.result().status_code == 200
     assert post_embed(server, [png_bytes(8), png_bytes(9)]).status_code == 200
+
+
+def test_a_client_that_goes_away_has_its_queued_items_dropped(server, gate_closed):
+    dropped = server.metric("simmim_items_dropped_total", task="embed")
+    body = json.dumps({"images": [base64.b64encode(png_bytes(5)).decode()]}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(post_embed, server, [png_bytes(4)])
+        wait_until(lambda: held_items(server) == 1, "a request held in the model")
+        with socket.create_connection(("127.0.0.1", server.port)) as conn:
+            conn.sendall(b"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: queued_items(server) == 1, "the request queued")
+        wait_until(lambda: server.metric("simmim_requests_total", endpoint="/embed",
+                                         status="499") == 1, "the server to notice")
+        server.open_gate()
+        assert holder.result().status_code == 200
+    wait_until(lambda: server.metric("simmim_items_dropped_total", task="embed") == dropped + 1,
+               "the item dropped before batching")

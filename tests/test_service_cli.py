@@ -99,3 +99,9 @@ def test_int8_serves_the_quantised_encoder(int8_server_without_torch, tiny_model
             "normalize": False}
     vectors = np.array(server.http.post("/embed", json=body).json()["embeddings"], np.float32)
     np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
+
+
+def test_the_service_docs_list_every_setting():
+    text = (ROOT / "docs" / "service.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`SIMMIM_{name.upper()}`" in text, name

@@ -3,12 +3,17 @@ model calls, so every state is reached deterministically)."""
 from __future__ import annotations
 
 import base64
+import json
+import shutil
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service_fixtures import Reference, ServerProcess, png_bytes, wait_until
+from service_fixtures import (LAUNCHER, Reference, ServerProcess, free_port, png_bytes,
+                              wait_until)
 
 
 def post_embed(server, images: list[bytes]):
@@ -80,3 +85,16 @@ def test_sigterm_drains_admitted_requests_then_exits_0(tiny_model_dir, tmp_path)
                                    atol=1e-5, rtol=0)
         assert server.proc.wait(60) == 0
         assert "drained" in server.log()
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_status_1(tiny_model_dir, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    card = json.loads((broken / "model.json").read_text())
+    card["embedding_dim"] += 1                       # disagrees with encoder.onnx's output
+    (broken / "model.json").write_text(json.dumps(card))
+    result = subprocess.run([sys.executable, str(LAUNCHER), "--model-dir", str(broken),
+                             "--port", str(free_port())], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert f"{broken / 'encoder.onnx'}: output 'embedding' has shape" in result.stderr
