@@ -7,6 +7,8 @@ Shapes: pixels float32 [N, C, H, W] normalised; mask uint8 [N, h, w] at the enco
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -51,13 +53,26 @@ def resolve_providers(provider: str) -> list[str]:
     return [CUDA, CPU]
 
 
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container's --cpus), which onnxruntime itself does not see."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus or 1
+
+
 def session_options(threads: int) -> ort.SessionOptions:
-    """All graph optimisations; `threads` intra-op threads (0: onnxruntime's choice); no spinning,
+    """All graph optimisations; `threads` intra-op threads (0: available_cpus()); no spinning,
     so idle worker threads give the cores back to decoding and the event loop."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or available_cpus()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -101,6 +116,7 @@ class OnnxBackend:
         self.max_batch_size = max_batch_size
         self.providers = resolve_providers(provider)
         options = session_options(threads)
+        self.threads = options.intra_op_num_threads
         c, s, p = card["in_chans"], card["image_size"], card["patch_size"]
         self.image_shape = (c, s, s)
         self.mask_shape = (s // p, s // p)
@@ -127,7 +143,7 @@ class OnnxBackend:
         return ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
 
     def describe(self) -> dict:
-        return {"runtime": f"onnxruntime {ort.__version__}",
+        return {"runtime": f"onnxruntime {ort.__version__}", "threads": self.threads,
                 "providers": self._encoder.get_providers(), "encoder_file": self.encoder_file}
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:

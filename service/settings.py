@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution provider: auto (CUDA when onnxruntime-gpu "
                             "and a GPU are present, else CPU), cpu or cuda")
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: one per "
-                                              "physical core)")
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: the CPUs this "
+                                              "process may use, container CPU quota included)")
     int8: bool = Field(False, description="embed with encoder.int8.onnx (dynamically quantised) "
                                           "instead of encoder.onnx")
     max_batch_size: int = Field(32, ge=1, description="most images per model call; the warm-up "

@@ -27,7 +27,7 @@ RETRY_STATUSES = (429, 503)
 RETRY_ERRORS = (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Reconstruction:
     mask: np.ndarray          # uint8 [h, w] at the encoder's patch grid, 1 = masked
     masked_input: bytes       # PNG: the preprocessed image with the masked patches blanked
@@ -102,6 +102,13 @@ class _Common:
         body = response.json()
         vectors = [np.frombuffer(base64.b64decode(e), "<f4") for e in body["embeddings"]]
         return np.stack(vectors).astype(np.float32).reshape(len(vectors), body["dim"])
+
+    @staticmethod
+    def _similarity_lists(a: Sequence, b: Sequence | None) -> tuple[list, list | None]:
+        a, b = list(a), None if b is None else list(b)
+        if not a or b == []:
+            raise ValueError("a (and b, when given) must hold at least one image")
+        return a, b
 
     @staticmethod
     def _similarity_request(a: list, b: list | None) -> dict:
@@ -205,7 +212,7 @@ class Client(_Common):
     def similarity(self, a: Sequence, b: Sequence | None = None) -> np.ndarray:
         """float32 [len(a), len(b)] cosine similarities (b omitted: a against itself). One
         /similarity request when a and b fit in batch_size images, else embed() and compare."""
-        a, b = list(a), None if b is None else list(b)
+        a, b = self._similarity_lists(a, b)
         if len(a) + len(b or []) <= self.batch_size:
             response = self._request("POST", "/similarity", **self._similarity_request(a, b))
             return np.asarray(response.json()["scores"], np.float32)
@@ -308,7 +315,7 @@ class AsyncClient(_Common):
             bar.close()
 
     async def similarity(self, a: Sequence, b: Sequence | None = None) -> np.ndarray:
-        a, b = list(a), None if b is None else list(b)
+        a, b = self._similarity_lists(a, b)
         if len(a) + len(b or []) <= self.batch_size:
             response = await self._request("POST", "/similarity",
                                            **self._similarity_request(a, b))

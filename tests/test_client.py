@@ -226,6 +226,14 @@ def test_other_errors_are_not_retried(sleeps):
     assert info.value.retry_after == 1.0
 
 
+def test_empty_lists_are_refused_before_anything_is_sent():
+    with Client("http://test", transport=scripted()) as c:
+        for call in (lambda: c.embed([]), lambda: c.similarity([]),
+                     lambda: c.similarity([b"x"], [])):
+            with pytest.raises(ValueError):
+                call()
+
+
 # --- images -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape, dtype", [((5, 7), np.uint8), ((5, 7, 1), np.uint8),
                                           ((5, 7, 2), np.uint8), ((5, 7, 3), np.uint8),

@@ -1,0 +1,72 @@
+"""The onnxruntime backend on its own: providers, threads, shapes, and model checks."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from service.backend import OnnxBackend, available_cpus, resolve_providers, session_options
+from service.model_dir import ENCODER_INT8, ModelDirError, load_model_dir
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    return OnnxBackend(load_model_dir(tiny_model_dir), "cpu", threads=1, max_batch_size=3)
+
+
+def test_cpu_and_auto_providers_resolve_without_a_gpu_and_cuda_says_what_is_missing(
+        monkeypatch):
+    monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert resolve_providers("cpu") == resolve_providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+        resolve_providers("cuda")
+    monkeypatch.setattr("onnxruntime.get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert resolve_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("cpu_max, expected", [("max 100000", None), ("50000 100000", 1),
+                                               ("150000 100000", 2)])
+def test_default_threads_respect_a_container_cpu_quota(tmp_path, cpu_max, expected):
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    unlimited = available_cpus(tmp_path / "missing")
+    assert available_cpus(tmp_path / "cpu.max") == min(unlimited, expected or unlimited)
+    assert session_options(0).intra_op_num_threads == available_cpus()
+    assert session_options(3).intra_op_num_threads == 3
+
+
+def test_embed_and_reconstruct_shapes_at_any_batch_size(backend, tiny_model_dir):
+    card = load_model_dir(tiny_model_dir).card
+    c, s, p = card["in_chans"], card["image_size"], card["patch_size"]
+    backend.warmup()
+    for n in (1, 3, 5):                              # beyond max_batch_size works too
+        pixels = np.random.default_rng(n).standard_normal((n, c, s, s)).astype(np.float32)
+        assert backend.embed(pixels).shape == (n, card["embedding_dim"])
+        mask = np.ones((n, s // p, s // p), np.uint8)    # uint8 is cast to the model's type
+        assert backend.reconstruct(pixels, mask).shape == (n, c, s, s)
+    assert backend.describe()["threads"] == 1
+
+
+def test_a_card_that_disagrees_with_the_onnx_file_is_refused_naming_both(tiny_model_dir,
+                                                                         tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    card = json.loads((broken / "model.json").read_text())
+    card["image_size"] *= 2
+    (broken / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelDirError, match=r"encoder.onnx: input 'pixels' has shape .* but "
+                                            r"model.json implies"):
+        OnnxBackend(load_model_dir(broken), "cpu")
+
+
+def test_int8_without_an_int8_file_is_refused(tiny_model_dir, tmp_path):
+    plain = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, plain)
+    card = json.loads((plain / "model.json").read_text())
+    del card["files"][ENCODER_INT8]
+    (plain / ENCODER_INT8).unlink()
+    (plain / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelDirError, match="int8 requested"):
+        OnnxBackend(load_model_dir(plain), "cpu", int8=True)
