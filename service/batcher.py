@@ -139,7 +139,7 @@ class Batcher:
                     self._metrics.dropped.inc()
                 else:
                     batch.append(item)
-            self._metrics.queue_depth.set(len(self._queue))
+            self._metrics.queue_depth.set(len(self._queue) + len(batch))
             if len(batch) == self.max_batch_size or self._closing:
                 return batch or None
             timeout = None
@@ -158,6 +158,7 @@ class Batcher:
         self._metrics.dropped.inc(len(batch) - len(live))
         if not live:
             return
+        self._metrics.queue_depth.set(len(self._queue))
         loop = asyncio.get_running_loop()
         start = loop.time()
         self._batches += 1

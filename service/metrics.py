@@ -16,7 +16,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 @dataclass(frozen=True)
 class TaskMetrics:
     """The batcher's metrics for one task (label values already bound)."""
-    queue_depth: Gauge          # items waiting to be batched
+    queue_depth: Gauge          # items admitted, not yet in the model
     running: Gauge              # items in the batch being run by the model
     queue_wait: Histogram       # per item: admitted -> its batch starts
     batch_size: Histogram       # per batch: items
@@ -39,7 +39,7 @@ class Metrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("simmim_ready", "1 once the model is loaded and warmed up, 0 while "
                            "loading or draining", registry=r)
-        self._queue_depth = Gauge("simmim_queue_depth", "items waiting to be batched",
+        self._queue_depth = Gauge("simmim_queue_depth", "items admitted and not yet in the model",
                                   ["task"], registry=r)
         self._running = Gauge("simmim_running_items", "items in the batch the model is running",
                               ["task"], registry=r)
