@@ -114,6 +114,7 @@ class OnnxBackend:
             raise ModelDirError(f"{model.path}: int8 requested but model.json lists no "
                                 f"{ENCODER_INT8}")
         self.max_batch_size = max_batch_size
+        self.provider = provider
         self.providers = resolve_providers(provider)
         options = session_options(threads)
         self.threads = options.intra_op_num_threads
@@ -140,7 +141,16 @@ class OnnxBackend:
                  self._encoder.get_providers(), self.encoder_file, RECONSTRUCT)
 
     def _session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-        return ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        """A session on self.providers; 'cuda' fails loudly if onnxruntime fell back to the CPU
+        (e.g. the CUDA or cuDNN libraries could not be loaded)."""
+        session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        if CUDA in self.providers and CUDA not in session.get_providers():
+            if self.provider == "cuda":
+                raise RuntimeError(f"provider 'cuda' requested but onnxruntime could not use it "
+                                   f"for {path.name} (got {session.get_providers()}); check the "
+                                   "CUDA and cuDNN libraries")
+            log.warning("CUDA is installed but unusable for %s; running on the CPU", path.name)
+        return session
 
     def describe(self) -> dict:
         return {"runtime": f"onnxruntime {ort.__version__}", "threads": self.threads,
