@@ -275,7 +275,7 @@ def test_client_imports_and_encodes_with_only_httpx_and_numpy():
 
 
 def test_the_documented_retrieval_example_finds_the_query_first(server, tmp_path):
-    text = (ROOT / "docs" / "client.md").read_text()
+    text = (ROOT / "README.md").read_text()
     code = text.split("### Example: image retrieval")[1].split("```python\n")[1].split("```")[0]
     (tmp_path / "photos" / "more").mkdir(parents=True)
     for i in range(7):

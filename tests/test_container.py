@@ -119,7 +119,7 @@ def cpu_image() -> str:
     """Build docker/Dockerfile (layer cache kept); check and record its size."""
     if not (MODEL_DIR / "model.json").is_file():
         pytest.fail(f"{MODEL_DIR} has no model.json: the image embeds the default model, so it "
-                    "must exist before the build (see docs/containers.md)")
+                    "must exist before the build (see README.md, Containers)")
     if run(["podman", "image", "exists", BASE_IMAGE], 60, check=False).returncode != 0:
         pytest.fail(f"base image {BASE_IMAGE} is missing: run ../shared/tools/container-setup.sh")
     t0 = time.monotonic()
