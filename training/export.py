@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import shlex
 import shutil
 import sys
 import tempfile
@@ -66,6 +67,11 @@ def _onnx_export(module, args: tuple, path: Path, inputs: list[str], output: str
         torch.onnx.export(module, args, str(path), input_names=inputs, output_names=[output],
                           dynamic_shapes=tuple({0: batch} for _ in args), opset_version=opset,
                           dynamo=True, external_data=False, verbose=False)
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+    return ort.__version__
 
 
 def parity_images(data: str | None, n: int, size: int, seed: int = 0) -> list:
@@ -144,8 +150,11 @@ def _run_info(checkpoint: Path, ckpt: dict) -> dict:
 def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 18,
                      name: str | None = None, parity_data: str | None = None,
                      eval_data: str | None = None, pooling: str | None = None,
-                     progress: bool = False) -> Path:
-    """Export `checkpoint` (a run folder or .pt) to the model directory `out`; returns `out`."""
+                     progress: bool = False, command: str | None = None) -> Path:
+    """Export `checkpoint` (a run folder or .pt) to the model directory `out`; returns `out`.
+
+    command: the command line that asked for this export, recorded in model.json.
+    """
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists():
         raise ExportError(f"output folder {out} already exists; choose a new --out")
@@ -189,7 +198,8 @@ def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 
                             "rec_loss": cfg.rec_loss, "decoder": cfg.decoder,
                             "mask_kind": cfg.mask_kind},
             "training": _run_info(checkpoint, ckpt),
-            "export": {"opset": opset, "torch": torch.__version__, "exporter": "dynamo",
+            "export": {"command": command, "opset": opset, "torch": torch.__version__,
+                       "onnxruntime": ort_version(), "exporter": "dynamo",
                        "seconds": round(export_seconds, 1), "parity": parity},
             "evaluation": {},
             "files": {},
@@ -253,7 +263,9 @@ def main(argv=None) -> int:
         out = export_model_dir(args.checkpoint, args.out, int8=args.int8, opset=args.opset,
                                name=args.name, parity_data=args.parity_data,
                                eval_data=args.eval_data, pooling=args.pooling,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress,
+                               command="simmim export " + shlex.join(
+                                   sys.argv[2:] if argv is None else argv))
     except (ExportError, CheckpointError) as e:
         print(f"simmim export: {e}", file=sys.stderr)
         return 1
