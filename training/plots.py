@@ -8,23 +8,20 @@ import numpy as np
 from PIL import Image
 
 from service.preprocess import Preprocessing, denormalize
+from service.reconstruction import masked_input, pixel_mask
 
 
-def reconstruction_grid(pixels: np.ndarray, mask_pixels: np.ndarray, recon: np.ndarray,
-                        spec: Preprocessing, scale: int = 1) -> Image.Image:
+def reconstruction_grid(pixels: np.ndarray, mask: np.ndarray, recon: np.ndarray,
+                        spec: Preprocessing, patch_size: int, scale: int = 1) -> Image.Image:
     """Rows of original | masked | reconstruction (visible pixels pasted back).
 
-    pixels, recon: float32 [N, C, H, W] normalised; mask_pixels: [N, H, W], 1 = masked.
+    pixels, recon: float32 [N, C, H, W] normalised; mask: [N, h, w] at the patch grid, 1 = masked.
     """
     rows = []
-    for x, m, r in zip(pixels, mask_pixels, recon):
-        m = m[None].astype(np.float32)
-        original = denormalize(x, spec)
-        masked = denormalize(x * (1 - m) + ((0.5 - np.asarray(spec.mean, np.float32)[:, None, None])
-                                            / np.asarray(spec.std, np.float32)[:, None, None]) * m,
-                             spec)
-        filled = denormalize(x * (1 - m) + r * m, spec)
-        rows.append(np.concatenate([original, masked, filled], axis=1))
+    for x, m, r in zip(pixels, mask, recon):
+        visible = 1.0 - pixel_mask(m, patch_size)[None]               # [1, H, W]
+        panels = [x, masked_input(x, m, patch_size), x * visible + r * (1.0 - visible)]
+        rows.append(np.concatenate([denormalize(p, spec) for p in panels], axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from service.preprocess import Preprocessing, preprocess
-from simmim_core.losses import upsample_mask
 from simmim_core.masking import MaskGenerator
 from simmim_core.model import ModelConfig, SimMIM
 from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic, state_digest
@@ -239,9 +238,8 @@ def write_pictures(model: SimMIM, source, spec: Preprocessing, mask_gen: MaskGen
     recon = model.reconstruct(torch.from_numpy(pixels).to(device),
                               torch.from_numpy(mask).to(device)).float().cpu().numpy()
     model.train(was_training)
-    mask_pixels = upsample_mask(torch.from_numpy(mask), model.patch_size)[:, 0].numpy()
     scale = max(1, 96 // spec.crop_size)
-    reconstruction_grid(pixels, mask_pixels, recon, spec, scale).save(
+    reconstruction_grid(pixels, mask, recon, spec, model.patch_size, scale).save(
         out / f"recon_epoch{epoch:03d}.png")
     loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
 
