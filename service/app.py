@@ -68,10 +68,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def record_timings(request: Request, timing: Timing, images: int) -> dict:
-    """Store the request's timings for the access log; return them as response headers (ms)."""
+def record_timings(request: Request, timing: Timing, images: int, serialize_s: float) -> dict:
+    """Store the request's timings for the access log; return them as response headers (ms).
+
+    decode: decoding and preprocessing; queue: waiting for a batch; inference: the model calls;
+    serialize: rendering the response body (JSON, or the PNG)."""
     seconds = {"decode": request.state.decode_s, "queue": timing.queue_s,
-               "inference": timing.inference_s}
+               "inference": timing.inference_s, "serialize": serialize_s}
     request.state.timings = seconds
     request.state.log = {"images": images}
     return {f"x-{k}-time-ms": f"{v * 1e3:.2f}" for k, v in seconds.items()}
@@ -186,9 +189,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def answer(request: Request, timing: Timing, images: int, render) -> Response:
         """JSON rendered off the loop by render() -> dict, with the timing headers."""
-        headers = record_timings(request, timing, images)
+        start = time.perf_counter()
         body = await engine.off_loop(lambda: json.dumps(render(), separators=(",", ":"),
                                                         allow_nan=False).encode())
+        headers = record_timings(request, timing, images, time.perf_counter() - start)
         return Response(body, media_type="application/json", headers=headers)
 
     @app.post("/embed", dependencies=guarded, response_model=EmbedResponse,
@@ -240,9 +244,10 @@ def create_app(settings: Settings) -> FastAPI:
                                                         engine.reconstruct(pixels, mask))
             patch, spec = card["patch_size"], model.preprocessing
             if wants_png(request):
+                start = time.perf_counter()
                 picture = await engine.off_loop(reconstruction.side_by_side, pixels, mask,
                                                 output, spec, patch)
-                headers = record_timings(request, timing, 1)
+                headers = record_timings(request, timing, 1, time.perf_counter() - start)
                 return Response(picture, media_type="image/png", headers=headers)
             return await answer(request, timing, 1, lambda: {
                 "mask": mask.tolist(),

@@ -2,7 +2,9 @@
 
 Every image is one item carrying its own future. The task gathers items from any number of
 concurrent requests into batches of at most max_batch_size, waiting at most max_wait_s after the
-oldest item's admission for more to arrive; the model runs on a worker thread (never on the event
+oldest item's admission for more to arrive, and only while more are on their way (`coming`: a
+lone request is not held back for company that will not come); the model runs on a worker
+thread (never on the event
 loop) and each result goes back to its own future, so every caller gets exactly its own results,
 in order. Items whose request gave up (timeout, disconnect) are dropped before batching; a batch
 whose model call raises fails only its own items, and the loop keeps running.
@@ -43,11 +45,15 @@ class Timing:
 
 
 class Batcher:
-    """`run` maps a list of item inputs to a sequence of as many outputs (on `executor`)."""
+    """`run` maps a list of item inputs to a sequence of as many outputs (on `executor`).
+
+    coming() -> how many requests will submit items soon (e.g. are being decoded); while it is 0
+    a batch runs at once instead of waiting for company. None: always wait up to max_wait_s."""
 
     def __init__(self, name: str, run: Callable[[list], Sequence], *, max_batch_size: int,
-                 max_wait_s: float, max_queue: int, executor: Executor, metrics: TaskMetrics):
-        self.name, self._run = name, run
+                 max_wait_s: float, max_queue: int, executor: Executor, metrics: TaskMetrics,
+                 coming: Callable[[], int] | None = None):
+        self.name, self._run, self._coming = name, run, coming
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self._executor, self._metrics = executor, metrics
         self._queue: deque[Item] = deque()
@@ -129,7 +135,8 @@ class Batcher:
 
     async def _next_batch(self) -> list[Item] | None:
         """Up to max_batch_size live items, once the batch is full, the oldest has waited
-        max_wait_s, or the batcher is closing; None when closing and nothing is left."""
+        max_wait_s, no more items are coming, or the batcher is closing; None when closing and
+        nothing is left."""
         loop = asyncio.get_running_loop()
         batch: list[Item] = []
         while True:
@@ -145,7 +152,7 @@ class Batcher:
             timeout = None
             if batch:
                 timeout = batch[0].admitted + self.max_wait_s - loop.time()
-                if timeout <= 0:
+                if timeout <= 0 or (self._coming is not None and not self._coming()):
                     return batch
             self._arrived.clear()
             try:

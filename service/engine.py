@@ -43,6 +43,7 @@ class Engine:
         self._batchers: dict[str, Batcher] = {}
         self._load_task: asyncio.Task | None = None
         self._inflight = 0
+        self._decoding = 0                # requests whose images are being decoded
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -78,7 +79,7 @@ class Engine:
         s = self.settings
         return Batcher(name, run, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1e3,
                        max_queue=s.max_queue, executor=self._infer_pool,
-                       metrics=self.metrics.task(name))
+                       metrics=self.metrics.task(name), coming=lambda: self._decoding)
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests (503) and wait up to timeout_s for admitted ones to finish;
@@ -129,9 +130,14 @@ class Engine:
                 self._idle.set()
 
     async def load_images(self, sources: list, field: str) -> list[np.ndarray]:
-        """Request images -> float32 [C, H, W] each, decoded on the decode pool."""
-        return await load_images(sources, field, self.model.preprocessing,
-                                 self.settings.max_pixels, self._decode_pool)
+        """Request images -> float32 [C, H, W] each, decoded on the decode pool. Counted while
+        decoding: their items are coming, so a forming batch waits for them (up to max_wait)."""
+        self._decoding += 1
+        try:
+            return await load_images(sources, field, self.model.preprocessing,
+                                     self.settings.max_pixels, self._decode_pool)
+        finally:
+            self._decoding -= 1
 
     async def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, Timing]:
         """[C, H, W] each -> float32 [N, D] pooled embeddings (not normalised)."""

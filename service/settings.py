@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most images per model call; the warm-up "
                                                       "runs one batch of this size")
     max_wait_ms: float = Field(5.0, ge=0, description="longest an image waits for others to "
-                                                      "join its batch, in milliseconds")
+                                                      "join its batch, in milliseconds (only "
+                                                      "while other requests are being decoded)")
     max_queue: int = Field(512, ge=1, description="most images admitted and not yet answered, "
                                                   "per task (embed, reconstruct); beyond it: 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting for "

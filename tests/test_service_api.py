@@ -124,7 +124,8 @@ def test_one_json_log_line_per_request_with_id_status_and_timings(server):
     r = server.http.post("/embed", json={"images": [b64(png_bytes(1))] * 2},
                          headers={"X-Request-ID": "log-line-test"})
     assert r.status_code == 200
-    for header in ("x-decode-time-ms", "x-queue-time-ms", "x-inference-time-ms"):
+    for header in ("x-decode-time-ms", "x-queue-time-ms", "x-inference-time-ms",
+                   "x-serialize-time-ms"):
         assert float(r.headers[header]) >= 0
 
     def access_lines():
@@ -134,7 +135,7 @@ def test_one_json_log_line_per_request_with_id_status_and_timings(server):
     [entry] = wait_until(access_lines, "the access log line")
     assert entry["logger"] == "simmim.access" and entry["message"] == "POST /embed"
     assert entry["status"] == 200 and entry["images"] == 2
-    for key in ("duration_ms", "decode_ms", "queue_ms", "inference_ms"):
+    for key in ("duration_ms", "decode_ms", "queue_ms", "inference_ms", "serialize_ms"):
         assert entry[key] >= 0
 
 

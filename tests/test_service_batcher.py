@@ -95,6 +95,23 @@ def test_a_lone_item_is_run_without_waiting_for_company():
     assert outputs == ["xx"] and timing.queue_s >= 0 and timing.inference_s >= 0
 
 
+def test_a_batch_waits_for_company_only_while_more_items_are_coming():
+    model = FakeModel()
+    coming = [1]                                    # one more request is being decoded
+
+    async def test(batcher, metrics):
+        first = asyncio.ensure_future(batcher.submit(["a"], 10))
+        for _ in range(20):                         # the batcher runs, and keeps waiting
+            await asyncio.sleep(0)
+        assert model.batches == []
+        coming[0] = 0                               # the last one arrives: nothing else is
+        second = await batcher.submit(["b"], 10)
+        return (await first)[0], second[0]
+
+    assert run(test, model, max_wait_s=3600, coming=lambda: coming[0]) == (["aa"], ["bb"])
+    assert model.batches == [["a", "b"]]
+
+
 def test_items_queued_while_the_model_is_busy_form_the_next_batch():
     model = FakeModel()
     model.gate.clear()
