@@ -1,0 +1,94 @@
+"""Part 1, the engine's own ceiling: img/s of one model call at a fixed batch size.
+
+onnxruntime runs with the service's own session options (service.backend.session_options: all
+graph optimisations, `threads` intra-op threads, no spinning); PyTorch eager runs the same
+network under inference_mode with its default thread count. Inputs are random normalised
+pixels: the speed of these networks does not depend on the pixel values.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .models import BenchModel, torch_encoder
+
+ENGINES = ("ort_fp32", "ort_int8", "torch_eager")
+
+
+def measure(call: Callable[[], object], batch: int, seconds: float, min_calls: int = 2) -> dict:
+    """One warm-up call, then calls until `seconds` have passed and at least min_calls ran."""
+    call()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    total = sum(times)
+    return {"batch": batch, "calls": len(times), "img_s": batch * len(times) / total,
+            "ms_per_call_median": float(np.median(times)) * 1e3}
+
+
+class OrtEncoder:
+    """encoder.onnx or encoder.int8.onnx in one onnxruntime session, as the service makes it."""
+
+    def __init__(self, model: BenchModel, int8: bool, provider: str, threads: int = 0):
+        import onnxruntime as ort
+        from service.backend import resolve_providers, session_options
+        self.session = ort.InferenceSession(str(model.onnx(int8)),
+                                            sess_options=session_options(threads),
+                                            providers=resolve_providers(provider))
+        self.shape = (model.card["in_chans"], model.card["image_size"], model.card["image_size"])
+
+    def caller(self, batch: int) -> Callable[[], object]:
+        pixels = np.random.default_rng(0).standard_normal((batch, *self.shape), np.float32)
+        return lambda: self.session.run(["embedding"], {"pixels": pixels})
+
+
+class TorchEncoder:
+    """The same network in PyTorch eager (model.embed under inference_mode)."""
+
+    def __init__(self, model: BenchModel, provider: str):
+        import torch
+        self.torch = torch
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        self.net, self.note = torch_encoder(model, self.device)
+        self.shape = (model.card["in_chans"], model.card["image_size"], model.card["image_size"])
+
+    def caller(self, batch: int) -> Callable[[], object]:
+        torch = self.torch
+        pixels = torch.randn(batch, *self.shape, generator=torch.Generator().manual_seed(0))
+        pixels = pixels.to(self.device)
+
+        def call():
+            with torch.inference_mode():
+                out = self.net.embed(pixels)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return call
+
+
+def make_engine(name: str, model: BenchModel, provider: str):
+    if name == "torch_eager":
+        return TorchEncoder(model, provider)
+    return OrtEncoder(model, int8=name == "ort_int8", provider=provider)
+
+
+def run_engines(model: BenchModel, batches: list[int], seconds: float, provider: str,
+                engines=ENGINES, progress: Callable[[str], None] = print) -> dict:
+    """{engine: {batch: result}} for every engine the model has (int8 only if exported)."""
+    results: dict = {}
+    for name in engines:
+        if name == "ort_int8" and not model.has_int8:
+            continue
+        engine = make_engine(name, model, provider)
+        results[name] = {}
+        for batch in batches:
+            r = measure(engine.caller(batch), batch, seconds)
+            results[name][str(batch)] = r
+            progress(f"engine {model.key} {name} batch {batch}: {r['img_s']:.1f} img/s")
+        del engine
+    return results

@@ -1,0 +1,164 @@
+"""The load generator: a separate process that keeps `concurrency` requests in flight against one
+URL over keep-alive HTTP/1.1 connections, and stops by itself after `requests` requests or
+`seconds` seconds of steady state, whichever comes first (then waits for those in flight).
+
+usage: python -m benchmarks.loadgen URL BODIES.jsonl --concurrency C --requests R --seconds S
+           [--warmup-s W] [--out RESULT.json]
+
+BODIES.jsonl holds one {"images": n, "body": {...}} per line (a POST body and how many images it
+carries); connection i sends bodies i, i + C, ... in turn. The client is a few lines of asyncio
+over raw sockets (no HTTP library), so that it costs the shared cores as little as possible (its
+CPU seconds are reported). Throughput counts the
+images answered within the steady-state window; latency percentiles are over the requests
+started in it. Each response's x-*-time-ms headers (the service's own timings) are averaged.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+TIMING = re.compile(rb"^x-([a-z]+)-time-ms:\s*([0-9.]+)", re.IGNORECASE | re.MULTILINE)
+LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.IGNORECASE | re.MULTILINE)
+
+
+def build_requests(url: str, bodies: list[bytes], images_per_body: list[int]) -> list[tuple]:
+    parts = urlsplit(url)
+    head = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Content-Type: application/json\r\nAccept: application/json\r\n")
+    return [((head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b, n)
+            for b, n in zip(bodies, images_per_body)]
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = LENGTH.search(head)
+    body = await reader.readexactly(int(length.group(1))) if length else b""
+    return status, head, body
+
+
+async def connection(i: int, host: str, port: int, requests: list[tuple], state: dict,
+                     records: list) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        k = i
+        while state["issued"] < state["max_requests"] and time.perf_counter() < state["stop"]:
+            state["issued"] += 1
+            if state["issued"] == state["max_requests"]:
+                state["last_issue"] = time.perf_counter()
+            data, images = requests[k % len(requests)]
+            k += state["concurrency"]
+            start = time.perf_counter()
+            writer.write(data)
+            status, head, body = await read_response(reader)
+            end = time.perf_counter()
+            timings = {m.group(1).decode().lower(): float(m.group(2))
+                       for m in TIMING.finditer(head)}
+            records.append((start, end, status, images, timings))
+            if state["check"] and status == 200:
+                state["check"] = False
+                json.loads(body)                              # a real JSON answer
+            if state["window"] is None and len(records) >= state["concurrency"] \
+                    and end >= state["t0"] + state["warmup_s"]:
+                state["window"] = end                         # steady state from here
+                state["stop"] = end + state["seconds"]
+    finally:
+        writer.close()
+
+
+def summarize(records: list, begin: float | None, end: float, concurrency: int) -> dict:
+    """Throughput: images answered 200 within [begin, end]; latency: requests started then."""
+    result = {"concurrency": concurrency, "requests_sent": len(records)}
+    if begin is None or end <= begin:
+        return {**result, "requests": 0, "ok": 0, "statuses": {}}
+    started = [r for r in records if begin <= r[0] <= end]
+    ok = [r for r in started if r[2] == 200]
+    statuses: dict[str, int] = {}
+    for r in started:
+        statuses[str(r[2])] = statuses.get(str(r[2]), 0) + 1
+    answered = sum(r[3] for r in records if begin <= r[1] <= end and r[2] == 200)
+    result.update(requests=len(started), ok=len(ok), statuses=statuses, seconds=end - begin,
+                  img_s=answered / (end - begin),
+                  req_s=sum(1 for r in records if begin <= r[1] <= end and r[2] == 200)
+                  / (end - begin))
+    if ok:
+        latency = np.array([r[1] - r[0] for r in ok]) * 1e3
+        timings: dict[str, list] = {}
+        for r in ok:
+            for k, v in r[4].items():
+                timings.setdefault(k, []).append(v)
+        result.update(
+            latency_ms={"mean": float(latency.mean()), "p50": float(np.percentile(latency, 50)),
+                        "p95": float(np.percentile(latency, 95)),
+                        "p99": float(np.percentile(latency, 99)), "max": float(latency.max())},
+            server_ms={k: float(np.mean(v)) for k, v in timings.items()})
+    return result
+
+
+async def run(url: str, bodies: list[bytes], images: list[int], concurrency: int,
+              max_requests: int, seconds: float, warmup_s: float, timeout: float) -> dict:
+    """Warm-up: at least warmup_s, and until `concurrency` requests have been answered (the
+    first wave, sent into an empty server, is not representative). Then `seconds` of steady
+    state; then the requests in flight finish (at most `timeout`)."""
+    parts = urlsplit(url)
+    requests = build_requests(url, bodies, images)
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    state = {"issued": 0, "max_requests": max_requests, "concurrency": concurrency, "t0": t0,
+             "warmup_s": warmup_s, "seconds": seconds, "stop": t0 + warmup_s + seconds + timeout,
+             "window": None, "last_issue": None, "check": True}
+    records: list = []
+    tasks = [asyncio.create_task(connection(i, parts.hostname, parts.port or 80, requests,
+                                            state, records))
+             for i in range(concurrency)]
+    done, pending = await asyncio.wait(tasks, timeout=warmup_s + seconds + 2 * timeout)
+    for task in pending:
+        task.cancel()
+    errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
+    end = min(x for x in (state["stop"], state["last_issue"], time.perf_counter()) if x)
+    result = summarize(records, state["window"], end, concurrency)
+    result.update(warmup_s=(state["window"] or end) - t0,
+                  client_cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - t0,
+                  unfinished_connections=len(pending), connection_errors=errors[:3])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url")
+    p.add_argument("bodies", type=Path, help='JSON lines: {"images": n, "body": {...}}')
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--requests", type=int, default=100_000,
+                   help="most requests to send (warm-up included)")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of steady state")
+    p.add_argument("--warmup-s", type=float, default=1.0,
+                   help="least seconds not counted at first")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="most seconds for the warm-up's first wave, and for the requests in "
+                        "flight at the end")
+    p.add_argument("--out", type=Path, help="write the result here (default: stdout)")
+    args = p.parse_args(argv)
+    lines = [json.loads(line) for line in args.bodies.read_text().splitlines() if line]
+    bodies = [json.dumps(line["body"]).encode() for line in lines]
+    images = [line["images"] for line in lines]
+    result = asyncio.run(run(args.url, bodies, images, args.concurrency, args.requests,
+                             args.seconds, args.warmup_s, args.timeout))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

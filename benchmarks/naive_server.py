@@ -1,0 +1,70 @@
+"""The alternative a user writes first: one FastAPI endpoint that runs the model in PyTorch eager,
+one request at a time (the handler is `async def`, so requests run one after another on the
+event loop: no batching, no thread pools). Same request and response JSON as the service's
+POST /embed (images in base64), same preprocessing (service.preprocess), same network.
+
+usage: python -m benchmarks.naive_server --model-dir DIR [--checkpoint CKPT] --port P
+           [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from service.preprocess import Preprocessing, preprocess_image
+
+from .models import BenchModel, torch_encoder
+
+
+class EmbedRequest(BaseModel):
+    images: list[str]
+    normalize: bool = True
+
+
+def create_app(model: BenchModel, device: str) -> FastAPI:
+    net, _ = torch_encoder(model, device)
+    spec = Preprocessing.from_dict(model.card["preprocessing"])
+    app = FastAPI()
+
+    @app.get("/health/ready")
+    async def ready() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/embed")
+    async def embed(request: EmbedRequest) -> dict:
+        pixels = np.stack([preprocess_image(base64.b64decode(s), spec) for s in request.images])
+        with torch.inference_mode():
+            vectors = net.embed(torch.from_numpy(pixels).to(device))
+            if request.normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=1)
+        return {"model": model.card["name"], "dim": vectors.shape[1],
+                "embeddings": vectors.cpu().tolist()}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.naive_server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, help="the model's weights for PyTorch (default: "
+                                                   "its architecture with random weights)")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = p.parse_args(argv)
+    model = BenchModel("naive", "naive", args.model_dir, args.checkpoint, "")
+    uvicorn.run(create_app(model, args.device), host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

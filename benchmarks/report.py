@@ -1,0 +1,175 @@
+"""results.json -> results.md (tables) and results.png (engine and service throughput)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ENGINE_NAMES = {"ort_fp32": "onnxruntime fp32", "ort_int8": "onnxruntime int8",
+                "torch_eager": "PyTorch eager"}
+
+
+def _f(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def machine_line(r: dict) -> str:
+    m, load = r["machine"], r.get("load", {})
+    v = m["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "torch", "fastapi",
+                                              "uvicorn", "uvloop", "httptools", "pillow",
+                                              "numpy") if k in v)
+    gpu = f"; GPU: {m['gpu']}" if m.get("gpu") else "; no GPU"
+    return (f"{m['cpu_model']}, {m['logical_cpus']} logical CPUs "
+            f"(AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}), {m['memory_gb']} GB"
+            f"{gpu}; provider {m['provider']}; Python {m['python']}; {libs}. "
+            f"1-min load average during the run: mean {load.get('load1_mean', 0):.2f}, "
+            f"min {load.get('load1_min', 0):.2f}, max {load.get('load1_max', 0):.2f}.")
+
+
+def targets_table(r: dict) -> list[str]:
+    lines = ["| target | measured | needed | result |", "|---|---|---|---|"]
+    for t in r["targets"]:
+        lines.append(f"| {t['name']} | {t['summary'].split(' (>=')[0]} | "
+                     f">= {t['threshold']:g} | **{t['status']}** |")
+    return lines
+
+
+def engine_table(r: dict) -> list[str]:
+    engine = r.get("engine", {})
+    if not engine:
+        return []
+    batches = sorted({int(b) for m in engine.values() for e in m.values() for b in e})
+    lines = ["| model | engine | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]
+    for key, model in engine.items():
+        for name, rows in model.items():
+            cells = [_f(rows.get(str(b), {}).get("img_s")) for b in batches]
+            lines.append(f"| {r['models'][key]['label']} | {ENGINE_NAMES[name]} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def load_table(r: dict) -> list[str]:
+    rows = r.get("service", []) + r.get("naive", [])
+    if not rows:
+        return []
+    lines = ["| model, images | server | batching | c | img/s | p50 ms | p95 ms | p99 ms | "
+             "mean batch | server cores busy | main-thread CPU us/request |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lat = row.get("latency_ms", {})
+        server = ("simmim serve " + row["precision"]) if row["server"] == "service" \
+            else "naive PyTorch"
+        batch = row.get("batcher", {}).get("mean_batch")
+        lines.append(
+            f"| {r['models'][row['model']]['label']}, {row['workload']} | {server} | "
+            f"{row['batching']} | {row['concurrency']} | {_f(row.get('img_s'))} | "
+            f"{_f(lat.get('p50'))} | {_f(lat.get('p95'))} | {_f(lat.get('p99'))} | "
+            f"{_f(batch)} | {_f(row.get('server_cores_busy'), 2)} | "
+            f"{_f(row.get('loop_cpu_us_per_request'), 0)} |")
+    return lines
+
+
+def breakdown_table(r: dict) -> list[str]:
+    """Per workload: the service's own timings at c1 (batching on), then the in-process costs."""
+    lines = ["| model, images | client latency | decode + preprocess | queue wait | inference "
+             "| serialise | HTTP, parsing, loop (rest) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    stage_lines = ["| model, images | request bytes | parse JSON | base64 | decode | preprocess "
+                   "| inference b1 | serialise |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for w, info in r.get("workloads", {}).items():
+        label = f"{r['models'][info['model']]['label']}, {w}"
+        for c in (1, 16):
+            row = next((x for x in r.get("service", []) if x["workload"] == w
+                        and x["precision"] == "fp32" and x["batching"] == "on"
+                        and x["concurrency"] == c and "server_ms" in x), None)
+            if row:
+                s, lat = row["server_ms"], row["latency_ms"]["mean"]
+                known = sum(s.get(k, 0.0) for k in ("decode", "queue", "inference", "serialize"))
+                lines.append(f"| {label} (c{c}) | {_f(lat, 2)} | {_f(s.get('decode'), 2)} | "
+                             f"{_f(s.get('queue'), 2)} | {_f(s.get('inference'), 2)} | "
+                             f"{_f(s.get('serialize'), 2)} | {_f(lat - known, 2)} |")
+        st = r.get("breakdown", {}).get(w, {}).get("stages_ms")
+        if st:
+            stage_lines.append(
+                f"| {label} | {_f(st['request_bytes_mean'], 0)} | {_f(st['parse_json_ms'], 3)} | "
+                f"{_f(st['base64_ms'], 3)} | {_f(st['decode_ms'], 3)} | "
+                f"{_f(st['preprocess_ms'], 3)} | {_f(st['inference_b1_ms'], 3)} | "
+                f"{_f(st['serialize_ms'], 3)} |")
+            if "originals" in st:
+                o = st["originals"]
+                stage_lines.append(
+                    f"| {label}, files as found | {_f(o['image_bytes_mean'] * 4 / 3, 0)} | - | - "
+                    f"| {_f(o['decode_ms'], 3)} | {_f(o['preprocess_ms'], 3)} | - | - |")
+    return lines + ["", "In process, one thread, milliseconds per image (the service's own "
+                    "functions):", ""] + stage_lines
+
+
+def markdown(r: dict) -> str:
+    w = r.get("workloads", {})
+    images = r.get("images", {})
+    parts = [f"# Benchmarks{' (quick smoke run: numbers mean nothing)' if r['quick'] else ''}",
+             "", f"`{r['command']}`, {r['started']}, {r['duration_s']:.0f} s.", "",
+             "Machine: " + machine_line(r), ""]
+    for key, m in r.get("models", {}).items():
+        parts.append(f"- {m['label']}: {m['arch']}, {m['parameters']:,} parameters, "
+                     f"{m['image_size']} px x {m['in_chans']} channels, embedding "
+                     f"{m['embedding_dim']}; {m['note']}.")
+    for key, info in w.items():
+        parts.append(f"- Workload `{key}`: {r['models'][info['model']]['label']} with "
+                     f"{info['images']}, one image per request (POST /embed, JSON base64).")
+    if "photos" in images:
+        parts.append(f"- Photographs: {images['photos']['source']}.")
+    parts += ["", "## Targets", ""] + targets_table(r)
+    parts += ["", "## Engine (img/s, one model call at a fixed batch)", ""] + engine_table(r)
+    parts += ["", "## End to end on loopback (img/s and latency; load generator in its own "
+              "process)", ""] + load_table(r)
+    parts += ["", "## Where the time goes in one request (ms, mean; the service's "
+              "x-*-time-ms headers)", ""] + breakdown_table(r)
+    return "\n".join(parts) + "\n"
+
+
+def write_markdown(r: dict, path: Path) -> None:
+    path.write_text(markdown(r))
+
+
+def write_plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    workloads = r.get("workloads", {})
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 8), squeeze=False)
+    for col, (w, info) in enumerate(workloads.items()):
+        model = info["model"]
+        label = r["models"][model]["label"]
+        ax = axes[0][col]
+        for name, rows in r.get("engine", {}).get(model, {}).items():
+            batches = sorted(int(b) for b in rows)
+            ax.plot(batches, [rows[str(b)]["img_s"] for b in batches], "o-",
+                    label=ENGINE_NAMES[name])
+        ax.set(title=f"engine: {label}", xlabel="batch size", ylabel="img/s (log)",
+               xscale="log", yscale="log")
+        ax.set_xticks([1, 8, 16, 32], ["1", "8", "16", "32"])
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        series = {}
+        for row in r.get("service", []) + r.get("naive", []):
+            if row["workload"] != w or "img_s" not in row:
+                continue
+            name = (f"service {row['precision']}, batching {row['batching']}"
+                    if row["server"] == "service" else "naive PyTorch endpoint")
+            series.setdefault(name, []).append((row["concurrency"], row["img_s"]))
+        for name, points in series.items():
+            points.sort()
+            ax.plot(*zip(*points), "o-", label=name)
+        ref = r.get("reference", {}).get(f"{model}/fp32", {}).get("16")
+        if ref:
+            ax.axhline(ref, color="gray", ls="--", label="engine fp32, batch 16")
+        ax.set(title=f"end to end: {label}, {w}", xlabel="concurrent requests",
+               ylabel="img/s", xscale="log")
+        ax.set_xticks([1, 4, 16, 64], ["1", "4", "16", "64"])
+        ax.legend(fontsize=8)
+    fig.suptitle(f"simmim-service benchmarks: {r['machine']['cpu_model']}, "
+                 f"{r['machine']['logical_cpus']} CPUs, load {r['load']['load1_mean']:.1f}"
+                 + (" (quick)" if r["quick"] else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark command (benchmarks/run.py --quick): it runs end to end on the tiny
+model and writes the JSON, markdown and PNG with the expected keys. No timing is asserted."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from service_fixtures import ROOT
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, tiny_run_dir):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
+           "--work", str(tmp_path / "work"), "--default-model", str(tiny_model_dir),
+           "--default-checkpoint", str(tiny_run_dir / "checkpoint.pt")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    r = json.loads((out / "results.json").read_text())
+    for key in ("machine", "models", "workloads", "images", "engine", "reference", "service",
+                "naive", "breakdown", "targets", "load", "duration_s"):
+        assert key in r, key
+    assert r["quick"] is True and r["machine"]["logical_cpus"] >= 1
+    assert {"onnxruntime", "numpy"} <= set(r["machine"]["versions"])
+    assert set(r["engine"]["default"]) == {"ort_fp32", "ort_int8", "torch_eager"}
+    assert set(r["engine"]["default"]["ort_fp32"]) == {"1", "16"}
+    assert {(row["workload"], row["batching"]) for row in r["service"]} >= {
+        ("small", "on"), ("small", "off"), ("photo", "on"), ("photo", "off")}
+    assert any(row["precision"] == "int8" for row in r["service"])
+    for row in r["service"] + r["naive"]:
+        assert row["statuses"] == {"200": row["requests"]}, row["statuses"]
+        assert row["img_s"] > 0 and set(row["latency_ms"]) >= {"p50", "p95", "p99"}
+    for row in r["service"]:
+        assert set(row["server_ms"]) == {"decode", "queue", "inference", "serialize"}
+    assert {row["workload"] for row in r["naive"]} == {"small", "photo"}
+    for stages in r["breakdown"].values():
+        assert {"parse_json_ms", "base64_ms", "decode_ms", "preprocess_ms", "inference_b1_ms",
+                "serialize_ms"} <= set(stages["stages_ms"])
+    assert len(r["targets"]) == 7
+    assert all(t["status"] == "n/a" for t in r["targets"])       # quick: not a measurement
+
+    md = (out / "results.md").read_text()
+    for heading in ("## Targets", "## Engine", "## End to end", "## Where the time goes"):
+        assert heading in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
