@@ -114,18 +114,27 @@ async def run(url: str, bodies: list[bytes], images: list[int], concurrency: int
     cpu0 = time.process_time()
     state = {"issued": 0, "max_requests": max_requests, "concurrency": concurrency, "t0": t0,
              "warmup_s": warmup_s, "seconds": seconds, "stop": t0 + warmup_s + seconds + timeout,
-             "window": None, "last_issue": None, "check": True}
+             "window": None, "last_issue": None, "check": True, "steady": True}
     records: list = []
+
+    async def first_wave_deadline() -> None:
+        await asyncio.sleep(warmup_s + timeout)
+        if state["window"] is None:                   # too slow to answer the first wave
+            now = time.perf_counter()
+            state.update(window=now, stop=now + seconds, steady=False)
+
+    deadline = asyncio.create_task(first_wave_deadline())
     tasks = [asyncio.create_task(connection(i, parts.hostname, parts.port or 80, requests,
                                             state, records))
              for i in range(concurrency)]
     done, pending = await asyncio.wait(tasks, timeout=warmup_s + seconds + 2 * timeout)
+    deadline.cancel()
     for task in pending:
         task.cancel()
     errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
     end = min(x for x in (state["stop"], state["last_issue"], time.perf_counter()) if x)
     result = summarize(records, state["window"], end, concurrency)
-    result.update(warmup_s=(state["window"] or end) - t0,
+    result.update(warmup_s=(state["window"] or end) - t0, steady=state["steady"],
                   client_cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - t0,
                   unfinished_connections=len(pending), connection_errors=errors[:3])
     return result
@@ -142,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="seconds of steady state")
     p.add_argument("--warmup-s", type=float, default=1.0,
                    help="least seconds not counted at first")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="most seconds for the warm-up's first wave, and for the requests in "
-                        "flight at the end")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="most seconds for the warm-up's first wave (then the window starts "
+                        "anyway, marked steady=false), and for the requests in flight at the "
+                        "end (then they are abandoned)")
     p.add_argument("--out", type=Path, help="write the result here (default: stdout)")
     args = p.parse_args(argv)
     lines = [json.loads(line) for line in args.bodies.read_text().splitlines() if line]

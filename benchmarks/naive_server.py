@@ -4,7 +4,10 @@ event loop: no batching, no thread pools). Same request and response JSON as the
 POST /embed (images in base64), same preprocessing (service.preprocess), same network.
 
 usage: python -m benchmarks.naive_server --model-dir DIR [--checkpoint CKPT] --port P
-           [--device cpu|cuda]
+           [--device cpu|cuda] [--threads N]
+
+--threads 1 is a control, not what a user writes first: on a shared machine, PyTorch's default
+of one OpenMP thread per core stalls at every parallel region while another process holds a core.
 """
 from __future__ import annotations
 
@@ -59,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    "its architecture with random weights)")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (default 0: PyTorch's own choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = BenchModel("naive", "naive", args.model_dir, args.checkpoint, "")
     uvicorn.run(create_app(model, args.device), host="127.0.0.1", port=args.port,
                 log_level="warning", access_log=False)

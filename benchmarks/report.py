@@ -11,6 +11,11 @@ def _f(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def naive_label(row: dict) -> str:
+    threads = row.get("torch_threads", "default")
+    return "naive PyTorch" + ("" if threads == "default" else f", {threads} thread (control)")
+
+
 def machine_line(r: dict) -> str:
     m, load = r["machine"], r.get("load", {})
     v = m["versions"]
@@ -58,7 +63,7 @@ def load_table(r: dict) -> list[str]:
     for row in rows:
         lat = row.get("latency_ms", {})
         server = ("simmim serve " + row["precision"]) if row["server"] == "service" \
-            else "naive PyTorch"
+            else naive_label(row)
         batch = row.get("batcher", {}).get("mean_batch")
         lines.append(
             f"| {r['models'][row['model']]['label']}, {row['workload']} | {server} | "
@@ -155,7 +160,7 @@ def write_plot(r: dict, path: Path) -> None:
             if row["workload"] != w or "img_s" not in row:
                 continue
             name = (f"service {row['precision']}, batching {row['batching']}"
-                    if row["server"] == "service" else "naive PyTorch endpoint")
+                    if row["server"] == "service" else naive_label(row))
             series.setdefault(name, []).append((row["concurrency"], row["img_s"]))
         for name, points in series.items():
             points.sort()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -207,7 +208,7 @@ class Bench:
             with simmim_serve(m.model_dir, self.logs / f"serve_{workload.key}_int8.log",
                               {"int8": "true"}, a.provider) as server:
                 info = server.info()["settings"]
-                for c in a.int8_concurrency:
+                for c in a.target_concurrency:
                     self.result["service"].append(self.load(
                         server, workload, c, server="service", precision="int8",
                         batching="on", max_batch_size=info["max_batch_size"],
@@ -215,12 +216,18 @@ class Bench:
             self.reference(workload, int8=True)
 
     def naive(self, workload: Workload) -> None:
-        m = workload.model
-        with naive_serve(m.model_dir, m.checkpoint, self.logs / f"naive_{workload.key}.log",
-                         self.args.provider) as server:
-            for c in self.args.concurrency:
-                self.result["naive"].append(self.load(server, workload, c, server="naive",
-                                                      precision="fp32", batching="none"))
+        """PyTorch's default threads at every concurrency; then, as a control, one thread at
+        the target concurrency (see naive_server.py)."""
+        m, a = workload.model, self.args
+        runs = [(0, a.concurrency)] + ([(1, a.target_concurrency)] if a.provider == "cpu" else [])
+        for threads, concurrency in runs:
+            with naive_serve(m.model_dir, m.checkpoint,
+                             self.logs / f"naive_{workload.key}_{threads}.log", a.provider,
+                             threads) as server:
+                for c in concurrency:
+                    self.result["naive"].append(self.load(
+                        server, workload, c, server="naive", precision="fp32", batching="none",
+                        torch_threads=threads or "default"))
 
     def breakdown(self, workload: Workload) -> None:
         costs = stage_costs(workload.model, workload.bodies, self.args.provider,
@@ -295,11 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that every server started here is stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     quick = args.quick
     args.batches = [1, 16] if quick else [1, 8, 16, 32]
     args.concurrency = args.concurrency or ([1, 4] if quick else [1, 4, 16, 64])
-    args.int8_concurrency = [4] if quick else [16]
+    args.target_concurrency = [4] if quick else [16]
     args.seconds = args.seconds or (0.5 if quick else 6.0)
     args.warmup_s = 0.3 if quick else 1.0
     args.max_requests = 2000 if quick else 100_000

@@ -106,10 +106,11 @@ def simmim_serve(model_dir: Path, log_path: Path, settings: dict[str, str] | Non
 
 
 def naive_serve(model_dir: Path, checkpoint: Path | None, log_path: Path,
-                provider: str = "cpu") -> Server:
+                provider: str = "cpu", threads: int = 0) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks.naive_server", "--model-dir", str(model_dir),
-           "--port", str(port), "--device", "cuda" if provider == "cuda" else "cpu"]
+           "--port", str(port), "--device", "cuda" if provider == "cuda" else "cpu",
+           "--threads", str(threads)]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
     return Server(cmd, port, log_path)
