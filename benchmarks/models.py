@@ -47,6 +47,7 @@ class BenchModel:
                 "note": self.note, "name": card["name"], "arch": card["encoder"]["arch"],
                 "parameters": card["encoder"]["parameters"], "image_size": card["image_size"],
                 "in_chans": card["in_chans"], "embedding_dim": card["embedding_dim"],
+                "pooling": card["pooling"],
                 "training_data": card.get("training", {}).get("data"),
                 "training_steps": card.get("training", {}).get("steps"),
                 "int8_cosine_to_fp32": card.get("export", {}).get("int8")}
@@ -59,6 +60,17 @@ def _simmim(*args: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
 
 
+def training_checkpoint(card: dict) -> Path | None:
+    """The checkpoint the model was exported from, if its run folder (the --out of the training
+    command in model.json) is still on this machine."""
+    words = (card.get("training", {}).get("command") or "").split()
+    if "--out" in words[:-1]:
+        path = Path(words[words.index("--out") + 1]) / "checkpoint.pt"
+        if path.is_file():
+            return path
+    return None
+
+
 def default_model(work: Path, model_dir: Path | None = None,
                   checkpoint: Path | None = None) -> BenchModel:
     """The embedded default model (service/default_model); when it is absent, a tiny model
@@ -67,6 +79,7 @@ def default_model(work: Path, model_dir: Path | None = None,
         model_dir = default_model_path()
     if model_dir is not None:
         card = load_model_dir(model_dir).card
+        checkpoint = checkpoint or training_checkpoint(card)
         note = (f"{model_dir}: {card['encoder']['arch']} {card['encoder'].get('kwargs', {})}, "
                 f"trained on {card.get('training', {}).get('data')} for "
                 f"{card.get('training', {}).get('steps')} steps")
@@ -113,7 +126,7 @@ def torch_encoder(model: BenchModel, device: str = "cpu"):
     from simmim_core.model import ModelConfig, SimMIM
     from training.checkpoint import inference_model
     if model.checkpoint is not None and Path(model.checkpoint).exists():
-        net, _ = inference_model(model.checkpoint)
+        net, _ = inference_model(model.checkpoint, model.card["pooling"])   # as exported
         note = f"weights of {model.checkpoint}"
     else:
         card = model.card

@@ -173,13 +173,14 @@ class Bench:
         """Engine img/s at batch 1 and 16 measured now, beside the service runs (the server
         idle); called before and after them, the mean of the two is the reference."""
         engine = OrtEncoder(workload.model, int8, self.args.provider)
-        now = {str(b): measure(engine.caller(b), b, self.args.engine_seconds)["img_s"]
-               for b in (1, 16)}
+        runs = {str(b): measure(engine.caller(b), b, self.args.engine_seconds) for b in (1, 16)}
+        now = {b: run["img_s"] for b, run in runs.items()}
         key = f"{workload.model.key}/{'int8' if int8 else 'fp32'}"
-        ref = self.result["reference"].setdefault(key, {"runs": []})
+        ref = self.result["reference"].setdefault(key, {"runs": [], "cpu_ms_per_image": {}})
         ref["runs"].append(now)
         for b in now:
             ref[b] = sum(run[b] for run in ref["runs"]) / len(ref["runs"])
+            ref["cpu_ms_per_image"].setdefault(b, []).append(runs[b]["cpu_ms_per_image"])
         self.progress(f"reference engine {key}: {now}")
         return now
 

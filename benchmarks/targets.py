@@ -60,6 +60,17 @@ def compute_targets(r: dict) -> list[dict]:
         if w == "small" and s and e:
             details["overhead_us_per_image"] = 1e6 / s - 1e6 / e
             summary += f"; overhead {details['overhead_us_per_image']:.0f} us per image"
+            row = _find(svc, workload=w, precision="fp32", batching="on", concurrency=c)
+            engine_cpu = ref_of(w, "fp32").get("cpu_ms_per_image", {}).get("16")
+            if row and engine_cpu:
+                # CPU per request beyond the engine's own: the event loop (main thread) and
+                # the rest (decode and serialise threads, smaller batches' extra model cost)
+                extra = row["server_cpu_ms_per_request"] * 1e3 - min(engine_cpu) * 1e3
+                loop = row["loop_cpu_us_per_request"]
+                details.update(overhead_cpu_us_per_request=extra, loop_cpu_us_per_request=loop,
+                               engine_cpu_us_per_image=min(engine_cpu) * 1e3)
+                summary += (f" (CPU beyond the engine's {min(engine_cpu) * 1e3:.0f} us/image: "
+                            f"{extra:.0f} us/request, of which the event loop {loop:.0f})")
         out.append(_target(f"{label(w)}, {what}: service c{c} / engine b16", ratio, threshold,
                            quick, summary, **details))
 
