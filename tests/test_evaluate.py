@@ -91,7 +91,7 @@ def test_simmim_evaluate_checkpoint_writes_a_json_report(tiny_run_dir, tmp_path,
     assert report["checkpoint"] == str(tiny_run_dir)
     assert report["train_images"] == report["test_images"] == 60
     assert report["k"] == 5 and report["probe_epochs"] == 3
-    assert report["embedding_dim"] == 128                             # vit-tiny-fmnist
+    assert report["embedding_dim"] == 128 * 4 * 4               # vit-tiny-fmnist: D=128, grid4
     for key in ("knn_top1", "linear_probe_top1"):
         assert 0.0 <= report[key] <= 1.0
 

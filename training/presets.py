@@ -49,8 +49,7 @@ PRESETS: dict[str, Preset] = {
     "vit-tiny-fmnist": Preset(
         ModelConfig(family="vit", arch="vit_tiny_patch16_224", image_size=32, in_chans=1,
                     encoder_kwargs=dict(patch_size=4, embed_dim=128, depth=4, num_heads=4),
-                    mask_patch_size=8, mask_ratio=0.6, sim_loss="contrastive", sim_lambda=1.0,
-                    temperature=0.2),
+                    mask_patch_size=8, mask_ratio=0.6, sim_loss="none", pooling="grid4"),
         TrainConfig(epochs=4, batch_size=256, base_lr=2e-3, warmup_epochs=0.25, min_lr=1e-5,
                     mean=FMNIST_MEAN, std=FMNIST_STD),
         "ViT (dim 128, depth 4, patch 4, 0.8M params) on 32 px gray images; fits 2 CPU cores"),
