@@ -65,7 +65,8 @@ class SimMIM(nn.Module):
                              f"choose one of {self.encoder.poolings} or gridK")
         if self.grid_pool is not None and feature_size % self.grid_pool:
             raise ValueError(f"pooling {cfg.pooling!r} needs a feature map divisible by "
-                             f"{self.grid_pool}; {cfg.arch} gives {feature_size}x{feature_size}")
+                             f"{self.grid_pool}; {cfg.arch} gives {feature_size}x{feature_size} "
+                             "(choose another --pooling, e.g. mean)")
         if cfg.mask_patch_size % self.encoder.patch_size:
             raise ValueError(f"mask_patch_size {cfg.mask_patch_size} is not divisible by the "
                              f"model's patch size {self.encoder.patch_size}")

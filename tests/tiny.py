@@ -44,7 +44,7 @@ def tiny_cli_args(family: str = "vit") -> list[str]:
     """`simmim pretrain` options that select a tiny encoder of `family`."""
     e = TINY_ENCODERS[family]
     return ["--family", e["family"], "--arch", e["arch"], "--image-size", str(e["image_size"]),
-            "--in-chans", "1", "--mask-patch-size", "8",
+            "--in-chans", "1", "--mask-patch-size", "8", "--pooling", "mean",
             "--encoder-kwargs", json.dumps(e["encoder_kwargs"])]
 
 
