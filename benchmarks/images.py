@@ -88,10 +88,12 @@ def tiny_images(photos: list[bytes], side: int, mode: str, n: int) -> list[bytes
 
 
 def write_bodies(images: list[bytes], path: Path, per_request: int = 1) -> Path:
-    """JSON lines for the load generator: POST /embed bodies with `per_request` images each."""
+    """JSON lines for the load generator: POST /embed bodies with `per_request` images each,
+    asking for base64 embeddings, as the project's client (simmim_client) does."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for i in range(0, len(images) - per_request + 1, per_request):
             chunk = [base64.b64encode(b).decode() for b in images[i:i + per_request]]
-            f.write(json.dumps({"images": len(chunk), "body": {"images": chunk}}) + "\n")
+            body = {"images": chunk, "encoding": "base64"}
+            f.write(json.dumps({"images": len(chunk), "body": body}) + "\n")
     return path

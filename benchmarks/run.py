@@ -12,6 +12,7 @@ runs, two concurrencies; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -124,7 +125,7 @@ class Bench:
         self.args = args
         self.work: Path = args.work
         self.logs = self.work / "logs"
-        self.result: dict = {"service": [], "naive": [], "reference": {}, "breakdown": {}}
+        self.result: dict = {"service": [], "naive": [], "rounds": {}, "breakdown": {}}
 
     def progress(self, message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}",
@@ -169,66 +170,72 @@ class Bench:
             m.key: run_engines(m, a.batches, a.engine_seconds, a.provider, ENGINES,
                                self.progress) for m in models}
 
-    def reference(self, workload: Workload, int8: bool) -> dict:
-        """Engine img/s at batch 1 and 16 measured now, beside the service runs (the server
-        idle); called before and after them, the mean of the two is the reference."""
-        engine = OrtEncoder(workload.model, int8, self.args.provider)
-        runs = {str(b): measure(engine.caller(b), b, self.args.engine_seconds) for b in (1, 16)}
-        now = {b: run["img_s"] for b, run in runs.items()}
-        key = f"{workload.model.key}/{'int8' if int8 else 'fp32'}"
-        ref = self.result["reference"].setdefault(key, {"runs": [], "cpu_ms_per_image": {}})
-        ref["runs"].append(now)
-        for b in now:
-            ref[b] = sum(run[b] for run in ref["runs"]) / len(ref["runs"])
-            ref["cpu_ms_per_image"].setdefault(b, []).append(runs[b]["cpu_ms_per_image"])
-        self.progress(f"reference engine {key}: {now}")
-        return now
-
     def service(self, workload: Workload) -> None:
-        """fp32, batching on (the default settings) and off (max_batch_size=1), at every
-        concurrency; the engine reference measured before and after."""
-        a = self.args
-        m = workload.model
-        self.reference(workload, int8=False)
+        """The curves: fp32, batching on (the default settings) and off (max_batch_size=1),
+        at every concurrency."""
+        a, m = self.args, workload.model
         for batching, settings in (("on", {}), ("off", {"max_batch_size": 1})):
             with simmim_serve(m.model_dir, self.logs / f"serve_{workload.key}_{batching}.log",
                               settings, a.provider) as server:
                 info = server.info()["settings"]
                 for c in a.concurrency:
-                    r = self.load(server, workload, c, server="service", precision="fp32",
-                                  batching=batching, max_batch_size=info["max_batch_size"],
-                                  max_wait_ms=info["max_wait_ms"])
-                    self.result["service"].append(r)
-        self.reference(workload, int8=False)
-
-    def service_int8(self, workload: Workload) -> None:
-        """The photographs workload again with SIMMIM_INT8=true, at the target concurrency."""
-        a, m = self.args, workload.model
-        if workload.key == "photo" and m.has_int8:
-            self.reference(workload, int8=True)
-            with simmim_serve(m.model_dir, self.logs / f"serve_{workload.key}_int8.log",
-                              {"int8": "true"}, a.provider) as server:
-                info = server.info()["settings"]
-                for c in a.target_concurrency:
                     self.result["service"].append(self.load(
-                        server, workload, c, server="service", precision="int8",
-                        batching="on", max_batch_size=info["max_batch_size"],
+                        server, workload, c, server="service", precision="fp32",
+                        batching=batching, max_batch_size=info["max_batch_size"],
                         max_wait_ms=info["max_wait_ms"]))
-            self.reference(workload, int8=True)
 
     def naive(self, workload: Workload) -> None:
-        """PyTorch's default threads at every concurrency; then, as a control, one thread at
-        the target concurrency (see naive_server.py)."""
+        """The curve of the naive endpoint, PyTorch's default threads, at every concurrency."""
         m, a = workload.model, self.args
-        runs = [(0, a.concurrency)] + ([(1, a.target_concurrency)] if a.provider == "cpu" else [])
-        for threads, concurrency in runs:
-            with naive_serve(m.model_dir, m.checkpoint,
-                             self.logs / f"naive_{workload.key}_{threads}.log", a.provider,
-                             threads) as server:
-                for c in concurrency:
-                    self.result["naive"].append(self.load(
-                        server, workload, c, server="naive", precision="fp32", batching="none",
-                        torch_threads=threads or "default"))
+        with naive_serve(m.model_dir, m.checkpoint, self.logs / f"naive_{workload.key}.log",
+                         a.provider) as server:
+            for c in a.concurrency:
+                self.result["naive"].append(self.load(
+                    server, workload, c, server="naive", precision="fp32", batching="none",
+                    torch_threads="default"))
+
+    def rounds(self, workload: Workload) -> None:
+        """The targets' figures, side by side: every server stays up (idle ones cost nothing),
+        and each round measures the engine (batch 1 and 16), then each server at the target
+        concurrency, back to back, so that a change in the machine's load moves both sides of
+        a ratio alike. The targets take the median over rounds of each round's ratio."""
+        a, m, c = self.args, workload.model, self.args.target_concurrency
+        servers = {"on": lambda: simmim_serve(m.model_dir, self.logs / f"{workload.key}_on.log",
+                                              {}, a.provider),
+                   "off": lambda: simmim_serve(m.model_dir, self.logs / f"{workload.key}_off.log",
+                                               {"max_batch_size": 1}, a.provider),
+                   "naive": lambda: naive_serve(m.model_dir, m.checkpoint,
+                                                self.logs / f"{workload.key}_naive.log",
+                                                a.provider)}
+        int8 = workload.key == "photo" and m.has_int8
+        if int8:
+            servers["int8"] = lambda: simmim_serve(
+                m.model_dir, self.logs / f"{workload.key}_int8.log", {"int8": "true"},
+                a.provider)
+        if a.provider == "cpu":            # the one-thread control (see naive_server.py)
+            servers["naive_1thread"] = lambda: naive_serve(
+                m.model_dir, m.checkpoint, self.logs / f"{workload.key}_naive1.log",
+                a.provider, threads=1)
+        engines = {"fp32": OrtEncoder(m, False, a.provider)}
+        if int8:
+            engines["int8"] = OrtEncoder(m, True, a.provider)
+        rounds = []
+        with contextlib.ExitStack() as stack:
+            running = {name: stack.enter_context(start()) for name, start in servers.items()}
+            for i in range(a.rounds):
+                row: dict = {"load1": os.getloadavg()[0]}
+                for precision, engine in engines.items():
+                    for b in ((1, 16) if precision == "fp32" else (16,)):
+                        r = measure(engine.caller(b), b, a.engine_seconds)
+                        row[f"engine_{precision}_b{b}"] = r["img_s"]
+                        row[f"engine_{precision}_b{b}_cpu_ms_per_image"] = r["cpu_ms_per_image"]
+                for name, server in running.items():
+                    kind = "naive" if name.startswith("naive") else "service"
+                    r = self.load(server, workload, c, server=kind, variant=name, round=i)
+                    row[name] = r.get("img_s")
+                    row[f"{name}_load"] = r
+                rounds.append(row)
+        self.result["rounds"][workload.key] = {"concurrency": c, "rounds": rounds}
 
     def breakdown(self, workload: Workload) -> None:
         costs = stage_costs(workload.model, workload.bodies, self.args.provider,
@@ -294,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photo-side", type=int, default=1024,
                    help="re-encode photographs with this longer side before sending; 0: send "
                         "the files as they are")
-    p.add_argument("--parts", default="engine,service,naive,breakdown",
-                   help="comma-separated subset of engine,service,naive,breakdown")
+    p.add_argument("--parts", default="engine,targets,service,naive,breakdown",
+                   help="comma-separated subset of engine,targets,service,naive,breakdown")
+    p.add_argument("--rounds", type=int, help="rounds of the side-by-side target figures")
     p.add_argument("--seconds", type=float, help="steady-state seconds per load point")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
     return p
@@ -309,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     args.batches = [1, 16] if quick else [1, 8, 16, 32]
     args.concurrency = args.concurrency or ([1, 4] if quick else [1, 4, 16, 64])
-    args.target_concurrency = [4] if quick else [16]
-    args.seconds = args.seconds or (0.5 if quick else 6.0)
+    args.target_concurrency = 4 if quick else 16
+    args.rounds = args.rounds or (1 if quick else 3)
+    args.seconds = args.seconds or (0.5 if quick else 5.0)
     args.warmup_s = 0.3 if quick else 1.0
     args.max_requests = 2000 if quick else 100_000
     args.engine_seconds = 0.3 if quick else 3.0
@@ -335,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         if "engine" in parts:
             bench.engines(models)
         for w in workloads:
+            if "targets" in parts:
+                bench.rounds(w)
             if "service" in parts:
                 bench.service(w)
             if "naive" in parts:
                 bench.naive(w)
-            if "service" in parts:
-                bench.service_int8(w)
             if "breakdown" in parts:
                 bench.breakdown(w)
     r["load"] = monitor.summary()

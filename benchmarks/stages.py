@@ -1,12 +1,14 @@
 """Part 4, in process: what each stage of one /embed request costs on one thread, through the
 service's own functions (request model, base64, Pillow decode, preprocessing, the onnxruntime
-session at batch 1, normalisation and JSON rendering), on the same request bodies as the load.
+session at batch 1, normalisation and JSON rendering, with base64 embeddings as requested by the
+load, and as lists of numbers, the API's default), on the same request bodies as the load.
 
 The service's response headers time decode + preprocessing together (wall time on its decode
 pool); this splits them, and prices the HTTP-side stages the headers do not cover.
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable
@@ -54,9 +56,11 @@ def stage_costs(model: BenchModel, bodies: Path, provider: str, min_seconds: flo
     pixels = np.stack([prepare(img) for img in decoded[:1]])
     vector = engine.session.run(["embedding"], {"pixels": pixels})[0]
 
-    def render(v):
-        body = {"model": model.card["name"], "dim": int(v.shape[1]),
-                "embeddings": l2_normalize(v).tolist()}
+    def render(v, encoding):
+        v = l2_normalize(v)
+        out = ([base64.b64encode(x.astype("<f4").tobytes()).decode() for x in v]
+               if encoding == "base64" else v.tolist())
+        body = {"model": model.card["name"], "dim": int(v.shape[1]), "embeddings": out}
         return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
     out = {
@@ -68,7 +72,8 @@ def stage_costs(model: BenchModel, bodies: Path, provider: str, min_seconds: flo
         "preprocess_ms": per_item_ms(prepare, decoded, min_seconds),
         "inference_b1_ms": per_item_ms(
             lambda p: engine.session.run(["embedding"], {"pixels": p}), [pixels], min_seconds),
-        "serialize_ms": per_item_ms(render, [vector], min_seconds),
+        "serialize_ms": per_item_ms(lambda v: render(v, "base64"), [vector], min_seconds),
+        "serialize_float_ms": per_item_ms(lambda v: render(v, "float"), [vector], min_seconds),
     }
     if originals:
         out["originals"] = {

@@ -1,28 +1,18 @@
-"""The issue's targets, as ratios of figures measured in the same run.
+"""The issue's targets, as ratios of figures measured side by side in the same run.
 
-Engine figures for the service ratios are the reference measurements taken beside the service
-runs (same minutes, server idle), so that a change in the machine's load between parts moves
-both sides of a ratio alike. In a --quick run every target is "n/a": its numbers mean nothing.
+Each comes from the target rounds (run.py, Bench.rounds): every round measures the engine and
+then each server at concurrency 16, back to back; a target is the median over the rounds of
+that round's ratio, so that a change in the machine's load (a shared machine) moves both sides
+of a ratio alike. In a --quick run every target is "n/a": its numbers mean nothing.
 """
 from __future__ import annotations
 
-C = 16                           # the concurrency the targets name
+import statistics
 
 
-def _find(rows: list[dict], **match) -> dict | None:
-    for row in rows:
-        if all(row.get(k) == v for k, v in match.items()):
-            return row
-    return None
-
-
-def _img_s(rows: list[dict], **match) -> float | None:
-    row = _find(rows, **match)
-    return row.get("img_s") if row else None
-
-
-def _target(name: str, measured: float | None, threshold: float, quick: bool, summary: str,
+def _target(name: str, values: list[float], threshold: float, quick: bool, summary: str,
             **details) -> dict:
+    measured = statistics.median(values) if values else None
     if measured is None:
         status = "n/a"
     elif quick:
@@ -30,85 +20,98 @@ def _target(name: str, measured: float | None, threshold: float, quick: bool, su
         summary += " (quick run: not a measurement)"
     else:
         status = "pass" if measured >= threshold else "miss"
+    rounds = ", ".join(f"{v:.2f}" for v in values)
     return {"name": name, "measured": measured, "threshold": threshold, "status": status,
-            "summary": summary, **details}
+            "summary": f"{summary}; median of rounds [{rounds}]" if len(values) > 1 else summary,
+            "rounds": values, **details}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+def _per_round(rows: list[dict], fn) -> list[float]:
+    out = []
+    for row in rows:
+        try:
+            value = fn(row)
+        except (KeyError, TypeError, ZeroDivisionError):
+            continue
+        if value is not None:
+            out.append(value)
+    return out
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
 
 
 def compute_targets(r: dict) -> list[dict]:
     quick = r.get("quick", False)
-    svc, naive, ref = r.get("service", []), r.get("naive", []), r.get("reference", {})
-    concurrencies = sorted({row["concurrency"] for row in svc + naive})
-    c = C if C in concurrencies or not concurrencies else max(concurrencies)
-    workloads = r.get("workloads", {})
-    models = r.get("models", {})
+    workloads, models = r.get("workloads", {}), r.get("models", {})
     label = lambda w: models.get(workloads.get(w, {}).get("model"), {}).get("label", w)  # noqa
-    ref_of = lambda w, p: ref.get(f"{workloads.get(w, {}).get('model')}/{p}", {})       # noqa
+    rounds = {w: v["rounds"] for w, v in r.get("rounds", {}).items()}
+    c = next(iter(r.get("rounds", {}).values()), {}).get("concurrency", 16)
     out = []
 
     # 1, 2: service at c16 against the engine at batch 16
     for w, threshold, what in (("photo", 0.90, "photographs"), ("small", 0.60, "small images")):
-        s = _img_s(svc, workload=w, precision="fp32", batching="on", concurrency=c)
-        e = ref_of(w, "fp32").get("16")
-        ratio = _ratio(s, e)
-        details = {"service_img_s": s, "engine_b16_img_s": e}
-        summary = (f"service {s or 0:.1f} img/s at c{c} / engine {e or 0:.1f} img/s at batch 16 "
-                   f"= {ratio or 0:.2f} (>= {threshold:.2f})")
-        if w == "small" and s and e:
-            details["overhead_us_per_image"] = 1e6 / s - 1e6 / e
-            summary += f"; overhead {details['overhead_us_per_image']:.0f} us per image"
-            row = _find(svc, workload=w, precision="fp32", batching="on", concurrency=c)
-            engine_cpu = ref_of(w, "fp32").get("cpu_ms_per_image", {}).get("16")
-            if row and engine_cpu:
-                # CPU per request beyond the engine's own: the event loop (main thread) and
-                # the rest (decode and serialise threads, smaller batches' extra model cost)
-                extra = row["server_cpu_ms_per_request"] * 1e3 - min(engine_cpu) * 1e3
-                loop = row["loop_cpu_us_per_request"]
-                details.update(overhead_cpu_us_per_request=extra, loop_cpu_us_per_request=loop,
-                               engine_cpu_us_per_image=min(engine_cpu) * 1e3)
-                summary += (f" (CPU beyond the engine's {min(engine_cpu) * 1e3:.0f} us/image: "
-                            f"{extra:.0f} us/request, of which the event loop {loop:.0f})")
-        out.append(_target(f"{label(w)}, {what}: service c{c} / engine b16", ratio, threshold,
+        rows = rounds.get(w, [])
+        values = _per_round(rows, lambda x: x["on"] / x["engine_fp32_b16"])
+        on = _med(_per_round(rows, lambda x: x["on"]))
+        eng = _med(_per_round(rows, lambda x: x["engine_fp32_b16"]))
+        summary = (f"service {on:.1f} img/s at c{c} / engine {eng:.1f} img/s at batch 16 = "
+                   f"{_med(values):.2f}")
+        details = {"service_img_s": on, "engine_b16_img_s": eng}
+        if w == "small" and on and eng:
+            overhead = _med(_per_round(rows, lambda x: 1e6 / x["on"] - 1e6 / x["engine_fp32_b16"]))
+            engine_cpu = _med(_per_round(
+                rows, lambda x: x["engine_fp32_b16_cpu_ms_per_image"] * 1e3))
+            server_cpu = _med(_per_round(
+                rows, lambda x: x["on_load"]["server_cpu_ms_per_request"] * 1e3))
+            loop_cpu = _med(_per_round(rows, lambda x: x["on_load"]["loop_cpu_us_per_request"]))
+            details.update(overhead_us_per_image=overhead, engine_cpu_us_per_image=engine_cpu,
+                           server_cpu_us_per_request=server_cpu,
+                           loop_cpu_us_per_request=loop_cpu)
+            summary += (f"; overhead {overhead:.0f} us per image (server CPU {server_cpu:.0f} us "
+                        f"per request against the engine's {engine_cpu:.0f} us per image; "
+                        f"its event loop alone {loop_cpu:.0f} us)")
+        out.append(_target(f"{label(w)}, {what}: service c{c} / engine b16", values, threshold,
                            quick, summary, **details))
 
     # 3: batching on vs off keeps the engine's batch-16 / batch-1 gain
     for w in ("small", "photo"):
-        on = _img_s(svc, workload=w, precision="fp32", batching="on", concurrency=c)
-        off = _img_s(svc, workload=w, precision="fp32", batching="off", concurrency=c)
-        e = ref_of(w, "fp32")
-        service_gain, engine_gain = _ratio(on, off), _ratio(e.get("16"), e.get("1"))
-        kept = _ratio(service_gain, engine_gain)
+        rows = rounds.get(w, [])
+        values = _per_round(rows, lambda x: (x["on"] / x["off"])
+                            / (x["engine_fp32_b16"] / x["engine_fp32_b1"]))
+        service_gain = _med(_per_round(rows, lambda x: x["on"] / x["off"]))
+        engine_gain = _med(_per_round(rows, lambda x: x["engine_fp32_b16"] / x["engine_fp32_b1"]))
         out.append(_target(
-            f"{label(w)}: batching on/off gain kept, service c{c} vs engine b16/b1", kept, 0.90,
-            quick, f"service on/off {service_gain or 0:.2f}x, engine b16/b1 "
-                   f"{engine_gain or 0:.2f}x: kept {kept or 0:.2f} (>= 0.90)",
-            service_gain=service_gain, engine_gain=engine_gain))
+            f"{label(w)}: batching on/off gain kept, service c{c} vs engine b16/b1", values, 0.90,
+            quick, f"service on/off {service_gain:.2f}x, engine b16/b1 {engine_gain:.2f}x: kept "
+                   f"{_med(values):.2f}", service_gain=service_gain, engine_gain=engine_gain))
 
-    # 4: service vs the naive PyTorch endpoint, fp32 and int8; against the faster of its
-    # PyTorch thread settings (the default, and the one-thread control)
-    n = max((row.get("img_s", 0) for row in naive
-             if row["workload"] == "photo" and row["concurrency"] == c), default=None)
-    for precision, threshold in (("fp32", 1.2), ("int8", 2.0)):
-        s = _img_s(svc, workload="photo", precision=precision, batching="on", concurrency=c)
-        ratio = _ratio(s, n)
+    # 4: service vs the naive PyTorch endpoint, fp32 and int8, against the faster of its two
+    # PyTorch thread settings in the same round (the default, and the one-thread control)
+    rows = rounds.get("photo", [])
+    naive = lambda x: max(x.get("naive") or 0, x.get("naive_1thread") or 0)  # noqa: E731
+    for key, precision, threshold in (("on", "fp32", 1.2), ("int8", "int8", 2.0)):
+        values = _per_round(rows, lambda x: x[key] / naive(x))
+        s, n = _med(_per_round(rows, lambda x: x[key])), _med(_per_round(rows, naive))
         out.append(_target(
-            f"{label('photo')}: service {precision} / naive PyTorch endpoint at c{c}", ratio,
-            threshold, quick, f"{s or 0:.1f} / {n or 0:.1f} img/s = {ratio or 0:.2f}x "
-                              f"(>= {threshold:g}x)", service_img_s=s, naive_img_s=n))
+            f"{label('photo')}: service {precision} / naive PyTorch endpoint at c{c}", values,
+            threshold, quick, f"{s:.1f} / {n:.1f} img/s = {_med(values):.2f}x",
+            service_img_s=s, naive_img_s=n))
 
-    # 5: int8 vs fp32 in the engine
+    # 5: int8 vs fp32 in the engine (rounds: batch 16 side by side; part 1: every batch)
     model = workloads.get("photo", {}).get("model")
     engine = r.get("engine", {}).get(model, {})
     fp32, int8 = engine.get("ort_fp32", {}), engine.get("ort_int8", {})
-    by_batch = {b: _ratio(int8[b]["img_s"], fp32[b]["img_s"]) for b in fp32 if b in int8}
+    by_batch = {b: int8[b]["img_s"] / fp32[b]["img_s"] for b in fp32 if b in int8}
+    values = _per_round(rows, lambda x: x["engine_int8_b16"] / x["engine_fp32_b16"])
     accuracy = models.get(model, {}).get("int8_cosine_to_fp32")
-    ratio = by_batch.get("16")
-    cos = f", cosine to fp32 min {accuracy['cosine_to_fp32_min']:.4f}" if accuracy else ""
-    out.append(_target(
-        f"{label('photo')}: engine int8 / fp32 at batch 16", ratio, 1.7, quick,
-        "int8/fp32 " + ", ".join(f"b{b} {v:.2f}x" for b, v in by_batch.items()) + cos
-        + " (>= 1.7x)", by_batch=by_batch, accuracy=accuracy))
+    summary = f"int8/fp32 at batch 16 {_med(values):.2f}x"
+    if by_batch:
+        summary += " (engine table: " + ", ".join(f"b{b} {v:.2f}x" for b, v in by_batch.items()) \
+            + ")"
+    if accuracy:
+        summary += f"; cosine to fp32 min {accuracy['cosine_to_fp32_min']:.4f}"
+    out.append(_target(f"{label('photo')}: engine int8 / fp32 at batch 16", values, 1.7, quick,
+                       summary, by_batch=by_batch, accuracy=accuracy))
     return out

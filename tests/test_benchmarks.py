@@ -21,7 +21,7 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     r = json.loads((out / "results.json").read_text())
-    for key in ("machine", "models", "workloads", "images", "engine", "reference", "service",
+    for key in ("machine", "models", "workloads", "images", "engine", "rounds", "service",
                 "naive", "breakdown", "targets", "load", "duration_s"):
         assert key in r, key
     assert r["quick"] is True and r["machine"]["logical_cpus"] >= 1
@@ -30,7 +30,10 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, 
     assert set(r["engine"]["default"]["ort_fp32"]) == {"1", "16"}
     assert {(row["workload"], row["batching"]) for row in r["service"]} >= {
         ("small", "on"), ("small", "off"), ("photo", "on"), ("photo", "off")}
-    assert any(row["precision"] == "int8" for row in r["service"])
+    for w in ("small", "photo"):
+        [row] = r["rounds"][w]["rounds"]                          # one round when quick
+        assert {"engine_fp32_b1", "engine_fp32_b16", "on", "off", "naive"} <= set(row)
+    assert {"int8", "engine_int8_b16"} <= set(r["rounds"]["photo"]["rounds"][0])
     for row in r["service"] + r["naive"]:
         assert row["statuses"] == {"200": row["requests"]}, row["statuses"]
         assert row["img_s"] > 0 and set(row["latency_ms"]) >= {"p50", "p95", "p99"}
