@@ -15,7 +15,6 @@ from __future__ import annotations
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 

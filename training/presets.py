@@ -1,7 +1,7 @@
 """Named presets: a model configuration plus a training recipe, as data."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from simmim_core.model import ModelConfig
 
