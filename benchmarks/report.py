@@ -3,8 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ENGINE_NAMES = {"ort_fp32": "onnxruntime fp32", "ort_int8": "onnxruntime int8",
+ENGINE_NAMES = {"ort_fp32": "onnxruntime fp32", "ort_fp32_1call": "onnxruntime fp32, one call at "
+                "a time on every thread", "ort_int8": "onnxruntime int8",
                 "torch_eager": "PyTorch eager"}
+
+
+def engine_label(name: str, rows: dict) -> str:
+    """ENGINE_NAMES, with the number of concurrent calls when the service runs several."""
+    workers = max((row.get("workers", 1) for row in rows.values()), default=1)
+    return ENGINE_NAMES[name] + (f" ({workers} calls at once, as served)" if workers > 1 else "")
 
 
 def _f(x, digits: int = 1) -> str:
@@ -64,7 +71,7 @@ def engine_table(r: dict) -> list[str]:
     for key, model in engine.items():
         for name, rows in model.items():
             cells = [_f(rows.get(str(b), {}).get("img_s")) for b in batches]
-            lines.append(f"| {r['models'][key]['label']} | {ENGINE_NAMES[name]} | "
+            lines.append(f"| {r['models'][key]['label']} | {engine_label(name, rows)} | "
                          + " | ".join(cells) + " |")
     return lines
 
@@ -150,7 +157,8 @@ def markdown(r: dict) -> str:
               f"{next(iter(r.get('rounds', {}).values()), {}).get('concurrency', '-')}, "
               "one round after another; the targets are medians of per-round ratios):", ""]
     parts += rounds_table(r)
-    parts += ["", "## Engine (img/s, one model call at a fixed batch)", ""] + engine_table(r)
+    parts += ["", "## Engine (img/s at a fixed batch; onnxruntime as the service runs it)", ""]
+    parts += engine_table(r)
     parts += ["", "## End to end on loopback (img/s and latency; load generator in its own "
               "process)", ""] + load_table(r)
     parts += ["", "## Where the time goes in one request (ms, mean; the service's "
@@ -175,7 +183,7 @@ def write_plot(r: dict, path: Path) -> None:
         for name, rows in r.get("engine", {}).get(model, {}).items():
             batches = sorted(int(b) for b in rows)
             ax.plot(batches, [rows[str(b)]["img_s"] for b in batches], "o-",
-                    label=ENGINE_NAMES[name])
+                    label=engine_label(name, rows))
         ax.set(title=f"engine: {label}", xlabel="batch size", ylabel="img/s (log)",
                xscale="log", yscale="log")
         ax.set_xticks([1, 8, 16, 32], ["1", "8", "16", "32"])

@@ -226,7 +226,7 @@ class Bench:
                 row: dict = {"load1": os.getloadavg()[0]}
                 for precision, engine in engines.items():
                     for b in ((1, 16) if precision == "fp32" else (16,)):
-                        r = measure(engine.caller(b), b, a.engine_seconds)
+                        r = measure(engine.caller(b), b, a.engine_seconds, engine.workers)
                         row[f"engine_{precision}_b{b}"] = r["img_s"]
                         row[f"engine_{precision}_b{b}_cpu_ms_per_image"] = r["cpu_ms_per_image"]
                 for name, server in running.items():

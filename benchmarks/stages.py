@@ -8,7 +8,6 @@ pool); this splits them, and prices the HTTP-side stages the headers do not cove
 """
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.app import l2_normalize
+from service.app import embeddings_body, l2_normalize, to_json
 from service.inputs import decode_base64
 from service.preprocess import (Preprocessing, normalize, open_image, resize_center_crop,
                                 to_color_mode)
@@ -57,11 +56,7 @@ def stage_costs(model: BenchModel, bodies: Path, provider: str, min_seconds: flo
     vector = engine.session.run(["embedding"], {"pixels": pixels})[0]
 
     def render(v, encoding):
-        v = l2_normalize(v)
-        out = ([base64.b64encode(x.astype("<f4").tobytes()).decode() for x in v]
-               if encoding == "base64" else v.tolist())
-        body = {"model": model.card["name"], "dim": int(v.shape[1]), "embeddings": out}
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        return to_json(embeddings_body(l2_normalize(v), encoding, model.card["name"]))
 
     out = {
         "request_bytes_mean": float(np.mean([len(r) for r in raw])),

@@ -66,6 +66,15 @@ def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int
     return cpus or 1
 
 
+def parallelism(provider: str, workers: int, threads: int) -> tuple[int, int]:
+    """(model calls at once, intra-op threads per call), 0 meaning automatic: on the CPU two
+    calls (one if there is one core) sharing the available CPUs; on CUDA one call."""
+    cuda = provider == "cuda" or (provider == "auto" and CUDA in ort.get_available_providers())
+    cpus = available_cpus()
+    workers = workers or (1 if cuda or cpus < 2 else 2)
+    return workers, threads or max(1, cpus // workers)
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     """All graph optimisations; `threads` intra-op threads (0: available_cpus()); no spinning,
     so idle worker threads give the cores back to decoding and the event loop."""
@@ -104,8 +113,9 @@ def _check_io(session: ort.InferenceSession, path: Path, kind: str,
 
 class OnnxBackend:
     """encoder.onnx (or encoder.int8.onnx) and reconstruct.onnx in onnxruntime sessions, created
-    once. Session.run releases the GIL, so calling it from a worker thread keeps the event loop
-    free."""
+    once. Session.run releases the GIL, so calling it from worker threads keeps the event loop
+    free; it is thread-safe, so several workers share one session (and one copy of the
+    weights), each call running on `threads` intra-op threads."""
 
     def __init__(self, model: ModelDir, provider: str = "auto", threads: int = 0,
                  max_batch_size: int = 32, int8: bool = False):

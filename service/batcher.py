@@ -3,10 +3,10 @@
 Every image is one item carrying its own future. The task gathers items from any number of
 concurrent requests into batches of at most max_batch_size, waiting at most max_wait_s after the
 oldest item's admission for more to arrive, and only while more are on their way (`coming`: a
-lone request is not held back for company that will not come); the model runs on a worker
-thread (never on the event
-loop) and each result goes back to its own future, so every caller gets exactly its own results,
-in order. Items whose request gave up (timeout, disconnect) are dropped before batching; a batch
+lone request is not held back for company that will not come). Up to `workers` batches run at
+once, each on a worker thread (never on the event loop); the next batch forms while they run.
+Each result goes back to its own future, so every caller gets exactly its own results, in
+order. Items whose request gave up (timeout, disconnect) are dropped before batching; a batch
 whose model call raises fails only its own items, and the loop keeps running.
 """
 from __future__ import annotations
@@ -48,13 +48,15 @@ class Batcher:
     """`run` maps a list of item inputs to a sequence of as many outputs (on `executor`).
 
     coming() -> how many requests will submit items soon (e.g. are being decoded); while it is 0
-    a batch runs at once instead of waiting for company. None: always wait up to max_wait_s."""
+    a batch runs at once instead of waiting for company. None: always wait up to max_wait_s.
+    workers: most batches running at once (`executor` needs at least as many threads)."""
 
     def __init__(self, name: str, run: Callable[[list], Sequence], *, max_batch_size: int,
                  max_wait_s: float, max_queue: int, executor: Executor, metrics: TaskMetrics,
-                 coming: Callable[[], int] | None = None):
+                 coming: Callable[[], int] | None = None, workers: int = 1):
         self.name, self._run, self._coming = name, run, coming
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
+        self.workers = workers
         self._executor, self._metrics = executor, metrics
         self._queue: deque[Item] = deque()
         self._arrived = asyncio.Event()
@@ -73,7 +75,7 @@ class Batcher:
 
     def retry_after(self) -> int:
         """Whole seconds until the items pending now have probably been answered, at least 1."""
-        batches = math.ceil(self._pending / self.max_batch_size)
+        batches = math.ceil(self._pending / self.max_batch_size / self.workers)
         return max(1, math.ceil(batches * self._batch_s))
 
     async def submit(self, inputs: Sequence, timeout_s: float) -> tuple[list, Timing]:
@@ -126,12 +128,30 @@ class Batcher:
             await self._task
 
     async def _loop(self) -> None:
-        while (batch := await self._next_batch()) is not None:
-            try:
-                await self._run_batch(batch)
-            except Exception:             # a bug here must not strand the waiting requests
-                log.exception("%s: batch bookkeeping failed", self.name)
-                self._fail(batch)
+        """Form a batch whenever a worker is free; on closing, wait for the running ones."""
+        free = asyncio.Semaphore(self.workers)
+        running: set[asyncio.Task] = set()
+
+        def finished(task: asyncio.Task) -> None:
+            running.discard(task)
+            free.release()
+
+        while True:
+            await free.acquire()
+            if (batch := await self._next_batch()) is None:
+                break
+            task = asyncio.get_running_loop().create_task(self._guarded_run(batch))
+            running.add(task)
+            task.add_done_callback(finished)
+        if running:
+            await asyncio.wait(running)
+
+    async def _guarded_run(self, batch: list[Item]) -> None:
+        try:
+            await self._run_batch(batch)
+        except Exception:                 # a bug here must not strand the waiting requests
+            log.exception("%s: batch bookkeeping failed", self.name)
+            self._fail(batch)
 
     async def _next_batch(self) -> list[Item] | None:
         """Up to max_batch_size live items, once the batch is full, the oldest has waited
@@ -173,7 +193,7 @@ class Batcher:
             item.wait_s, item.batch = start - item.admitted, self._batches
             self._metrics.queue_wait.observe(item.wait_s)
         self._metrics.batch_size.observe(len(live))
-        self._metrics.running.set(len(live))
+        self._metrics.running.inc(len(live))
         try:
             outputs, seconds = await loop.run_in_executor(self._executor, self._call,
                                                           [item.input for item in live])
@@ -183,7 +203,7 @@ class Batcher:
             self._fail(live)
             return
         finally:
-            self._metrics.running.set(0)
+            self._metrics.running.dec(len(live))
         self._batch_s += (seconds - self._batch_s) / min(self._batches, 20)
         self._metrics.inference.observe(seconds)
         self._metrics.images.inc(len(live))

@@ -2,9 +2,9 @@
 pools, and draining.
 
 States: loading (sessions being created and warmed up) -> ready -> draining (after SIGTERM: no
-new requests, admitted ones finish); failed if loading raised. Two thread pools: one worker runs
-every model call (so calls never compete for the cores), `decode_threads` decode images and
-encode PNGs, overlapping inference.
+new requests, admitted ones finish); failed if loading raised. Two thread pools: `workers`
+threads run the model calls (each with its share of the cores), `decode_threads` decode large
+images and encode PNGs, overlapping inference.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .backend import Backend, OnnxBackend
+from .backend import Backend, OnnxBackend, parallelism
 from .batcher import Batcher, Timing
-from .errors import NotReady, ShuttingDown
+from .errors import InferenceFailed, NotReady, ShuttingDown
 from .inputs import load_images
 from .metrics import Metrics
 from .model_dir import ModelDir
@@ -29,15 +29,25 @@ log = logging.getLogger("simmim.engine")
 LOADING, READY, DRAINING, FAILED = "loading", "ready", "draining", "failed"
 
 
+def finite(output: np.ndarray) -> np.ndarray:
+    """`output`, or InferenceFailed if the model gave NaN or infinity for these images."""
+    if not np.isfinite(output).all():
+        log.warning("the model produced NaN or infinite values")
+        raise InferenceFailed("the model produced NaN or infinite values for this request's "
+                              "images")
+    return output
+
+
 class Engine:
     def __init__(self, settings: Settings, model: ModelDir, metrics: Metrics,
                  backend_factory: Callable[[], Backend] | None = None):
         self.settings, self.model, self.metrics = settings, model, metrics
         self.state = LOADING
         self.backend: Backend | None = None
+        self.workers, threads = parallelism(settings.provider, settings.workers, settings.threads)
         self._backend_factory = backend_factory or (lambda: OnnxBackend(
-            model, settings.provider, settings.threads, settings.max_batch_size, settings.int8))
-        self._infer_pool = ThreadPoolExecutor(1, thread_name_prefix="simmim-infer")
+            model, settings.provider, threads, settings.max_batch_size, settings.int8))
+        self._infer_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="simmim-infer")
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads,
                                                thread_name_prefix="simmim-decode")
         self._batchers: dict[str, Batcher] = {}
@@ -56,7 +66,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
-            await loop.run_in_executor(self._infer_pool, backend.warmup)
+            await asyncio.gather(*(loop.run_in_executor(self._infer_pool, backend.warmup)
+                                   for _ in range(self.workers)))
         except Exception:
             log.exception("loading the model from %s failed", self.model.path)
             self.state = FAILED
@@ -79,7 +90,8 @@ class Engine:
         s = self.settings
         return Batcher(name, run, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1e3,
                        max_queue=s.max_queue, executor=self._infer_pool,
-                       metrics=self.metrics.task(name), coming=lambda: self._decoding)
+                       metrics=self.metrics.task(name), coming=lambda: self._decoding,
+                       workers=self.workers)
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests (503) and wait up to timeout_s for admitted ones to finish;
@@ -143,18 +155,19 @@ class Engine:
         """[C, H, W] each -> float32 [N, D] pooled embeddings (not normalised)."""
         outputs, timing = await self._batchers["embed"].submit(
             pixels, self.settings.request_timeout_s)
-        return np.stack(outputs), timing
+        return finite(np.stack(outputs)), timing
 
     async def reconstruct(self, pixels: np.ndarray, mask: np.ndarray
                           ) -> tuple[np.ndarray, Timing]:
         """[C, H, W], uint8 [h, w] -> float32 [C, H, W] normalised reconstruction."""
         [output], timing = await self._batchers["reconstruct"].submit(
             [(pixels, mask)], self.settings.request_timeout_s)
-        return output, timing
+        return finite(output), timing
 
     async def off_loop(self, fn: Callable, *args):
-        """Run CPU work (PNG encoding) on the decode pool."""
+        """Run CPU work (PNG encoding, large JSON) on the decode pool."""
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool, fn, *args)
 
     def info(self) -> dict:
-        return {"state": self.state, "backend": self.backend.describe() if self.backend else None}
+        backend = self.backend.describe() if self.backend else None
+        return {"state": self.state, "backend": backend and {**backend, "workers": self.workers}}

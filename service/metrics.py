@@ -17,7 +17,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class TaskMetrics:
     """The batcher's metrics for one task (label values already bound)."""
     queue_depth: Gauge          # items admitted, not yet in the model
-    running: Gauge              # items in the batch being run by the model
+    running: Gauge              # items in the batches the model is running
     queue_wait: Histogram       # per item: admitted -> its batch starts
     batch_size: Histogram       # per batch: items
     inference: Histogram        # per batch: the model call
@@ -41,7 +41,7 @@ class Metrics:
                            "loading or draining", registry=r)
         self._queue_depth = Gauge("simmim_queue_depth", "items admitted and not yet in the model",
                                   ["task"], registry=r)
-        self._running = Gauge("simmim_running_items", "items in the batch the model is running",
+        self._running = Gauge("simmim_running_items", "items in the batches the model is running",
                               ["task"], registry=r)
         self._queue_wait = Histogram("simmim_queue_wait_seconds",
                                      "per item, time from admission to the start of its batch",

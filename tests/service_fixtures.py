@@ -64,7 +64,11 @@ class ServerProcess:
         cmd = list(program or [sys.executable, str(LAUNCHER)])
         if gated:
             cmd += ["--gate", str(self.gate_file)]
-        cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1", *args]
+        # gated: one model call at a time, so that a closed gate holds exactly one batch;
+        # otherwise two, on one shared session, whatever the machine's CPU count
+        workers = "1" if gated else "2"
+        cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1",
+                "--workers", workers, *args]
         full_env = {**os.environ, "SIMMIM_LOG_LEVEL": "info", **(env or {})}
         full_env.pop("SIMMIM_API_KEY", None)
         if api_key:

@@ -26,7 +26,7 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, 
         assert key in r, key
     assert r["quick"] is True and r["machine"]["logical_cpus"] >= 1
     assert {"onnxruntime", "numpy"} <= set(r["machine"]["versions"])
-    assert set(r["engine"]["default"]) == {"ort_fp32", "ort_int8", "torch_eager"}
+    assert set(r["engine"]["default"]) == {"ort_fp32", "ort_fp32_1call", "ort_int8", "torch_eager"}
     assert set(r["engine"]["default"]["ort_fp32"]) == {"1", "16"}
     assert {(row["workload"], row["batching"]) for row in r["service"]} >= {
         ("small", "on"), ("small", "off"), ("photo", "on"), ("photo", "off")}

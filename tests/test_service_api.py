@@ -118,6 +118,7 @@ def test_request_id_is_echoed_or_generated(server):
     assert r.headers["x-request-id"] == "client-id-1"
     generated = server.http.get("/health/live").headers["x-request-id"]
     assert len(generated) == 16 and generated != "client-id-1"
+    assert server.http.get("/health/live").headers["x-request-id"] != generated
 
 
 def test_one_json_log_line_per_request_with_id_status_and_timings(server):

@@ -7,7 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from service.backend import OnnxBackend, available_cpus, resolve_providers, session_options
+from concurrent.futures import ThreadPoolExecutor
+
+from service.backend import (OnnxBackend, available_cpus, parallelism, resolve_providers,
+                             session_options)
 from service.model_dir import ENCODER_INT8, ModelDirError, load_model_dir
 
 
@@ -35,6 +38,29 @@ def test_default_threads_respect_a_container_cpu_quota(tmp_path, cpu_max, expect
     assert available_cpus(tmp_path / "cpu.max") == min(unlimited, expected or unlimited)
     assert session_options(0).intra_op_num_threads == available_cpus()
     assert session_options(3).intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize("provider, cpus, asked, expected", [
+    ("cpu", 1, (0, 0), (1, 1)), ("cpu", 2, (0, 0), (2, 1)), ("cpu", 8, (0, 0), (2, 4)),
+    ("cpu", 6, (3, 0), (3, 2)), ("cpu", 2, (4, 0), (4, 1)), ("cpu", 8, (1, 3), (1, 3)),
+    ("cuda", 8, (0, 0), (1, 8))])
+def test_workers_and_threads_default_to_two_calls_sharing_the_cpus_and_one_on_cuda(
+        monkeypatch, provider, cpus, asked, expected):
+    monkeypatch.setattr("service.backend.available_cpus", lambda: cpus)
+    assert parallelism(provider, *asked) == expected
+
+
+def test_concurrent_calls_on_the_shared_session_each_get_their_own_results(backend,
+                                                                          tiny_model_dir):
+    card = load_model_dir(tiny_model_dir).card
+    c, s = card["in_chans"], card["image_size"]
+    batches = [np.random.default_rng(i).standard_normal((i % 3 + 1, c, s, s)).astype(np.float32)
+               for i in range(12)]
+    alone = [backend.embed(b) for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(backend.embed, batches))
+    for a, t in zip(alone, together):
+        np.testing.assert_array_equal(a, t)
 
 
 def test_embed_and_reconstruct_shapes_at_any_batch_size(backend, tiny_model_dir):

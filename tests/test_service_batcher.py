@@ -18,6 +18,8 @@ class FakeModel:
 
     def __init__(self, fail_on=None):
         self.batches: list[list] = []
+        self.inside = self.most_inside = 0          # calls running now, and at most
+        self.lock = threading.Lock()
         self.threads: set[int] = set()
         self.gate = threading.Event()
         self.gate.set()
@@ -25,8 +27,13 @@ class FakeModel:
         self.fail_on = fail_on
 
     def __call__(self, inputs: list) -> list:
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
         self.entered.set()
         self.gate.wait()
+        with self.lock:
+            self.inside -= 1
         self.threads.add(threading.get_ident())
         self.batches.append(list(inputs))
         if self.fail_on in inputs:
@@ -34,12 +41,12 @@ class FakeModel:
         return [2 * x for x in inputs]
 
 
-def run(test, model: FakeModel, **options):
+def run(test, model: FakeModel, pool_threads: int = 1, **options):
     """Run `test(batcher, metrics)` in a fresh event loop with a started batcher."""
     async def main():
         metrics = Metrics()
         settings = dict(max_batch_size=4, max_wait_s=0.05, max_queue=16) | options
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(pool_threads) as pool:
             batcher = Batcher("embed", model, executor=pool, metrics=metrics.task("embed"),
                               **settings)
             batcher.start()
@@ -126,6 +133,25 @@ def test_items_queued_while_the_model_is_busy_form_the_next_batch():
 
     assert run(test, model) == [[0], [2], [4], [6], [8]]
     assert model.batches == [[0], [1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_up_to_workers_batches_run_at_once_and_never_more(workers):
+    model = FakeModel()
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        requests = [asyncio.ensure_future(batcher.submit([i], 10)) for i in range(4)]
+        await wait_for_entry(model)
+        for _ in range(50):                         # give the others every chance to enter
+            await asyncio.sleep(0.001)
+        running = model.inside
+        model.gate.set()
+        return running, [(await r)[0] for r in requests]
+
+    running, outputs = run(test, model, pool_threads=4, max_batch_size=1, workers=workers)
+    assert running == model.most_inside == workers
+    assert outputs == [[0], [2], [4], [6]]
 
 
 def test_a_full_queue_raises_queue_full_with_retry_after_and_admits_nothing():
