@@ -65,7 +65,8 @@ class Observe:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         given = Headers(scope=scope).get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else f"{self._prefix}{next(self._ids):08x}"
+        request_id = (given if _REQUEST_ID.fullmatch(given)
+                      else f"{self._prefix}{next(self._ids):08x}")
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 500                      # if the app raises before answering
