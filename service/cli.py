@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         default = field.get_default(call_default_factory=True)
         help_ = f"{field.description} [{ENV_PREFIX}{name.upper()}; default: {default}]"
+        help_ = help_.replace("%", "%%")                  # argparse formats help with %
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)

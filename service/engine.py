@@ -18,6 +18,7 @@ import numpy as np
 
 from .backend import Backend, OnnxBackend, parallelism
 from .batcher import Batcher, Timing
+from .calibrate import batch_cap, batch_rates
 from .errors import InferenceFailed, NotReady, ShuttingDown
 from .inputs import load_images
 from .metrics import Metrics
@@ -45,6 +46,8 @@ class Engine:
         self.state = LOADING
         self.backend: Backend | None = None
         self.workers, threads = parallelism(settings.provider, settings.workers, settings.threads)
+        self.max_batch_size = settings.max_batch_size     # then capped by tune_batch_size
+        self.batch_rates: dict[int, float] = {}
         self._backend_factory = backend_factory or (lambda: OnnxBackend(
             model, settings.provider, threads, settings.max_batch_size, settings.int8))
         self._infer_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="simmim-infer")
@@ -68,6 +71,13 @@ class Engine:
             backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
             await asyncio.gather(*(loop.run_in_executor(self._infer_pool, backend.warmup)
                                    for _ in range(self.workers)))
+            if self.settings.tune_batch_size:
+                card = self.model.card
+                shape = (card["in_chans"], card["image_size"], card["image_size"])
+                self.batch_rates = await loop.run_in_executor(
+                    None, batch_rates, backend.embed, shape, self.max_batch_size, self.workers,
+                    self._infer_pool)
+                self.max_batch_size = batch_cap(self.batch_rates)
         except Exception:
             log.exception("loading the model from %s failed", self.model.path)
             self.state = FAILED
@@ -83,12 +93,14 @@ class Engine:
         if self.state == LOADING:
             self.state = READY
             self.metrics.ready.set(1)
-            log.info("ready: %s, warmed up at batch size %d", self.model.name,
-                     self.settings.max_batch_size)
+            log.info("ready: %s, %d model calls at once, batches of up to %d (img/s by batch "
+                     "size: %s)", self.model.name, self.workers, self.max_batch_size,
+                     {n: round(r, 1) for n, r in self.batch_rates.items()} or "not measured")
 
     def _batcher(self, name: str, run: Callable) -> Batcher:
         s = self.settings
-        return Batcher(name, run, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1e3,
+        return Batcher(name, run, max_batch_size=self.max_batch_size,
+                       max_wait_s=s.max_wait_ms / 1e3,
                        max_queue=s.max_queue, executor=self._infer_pool,
                        metrics=self.metrics.task(name), coming=lambda: self._decoding,
                        workers=self.workers)
@@ -170,4 +182,7 @@ class Engine:
 
     def info(self) -> dict:
         backend = self.backend.describe() if self.backend else None
-        return {"state": self.state, "backend": backend and {**backend, "workers": self.workers}}
+        if backend:
+            backend.update(workers=self.workers, max_batch_size=self.max_batch_size,
+                           img_s_by_batch_size=self.batch_rates)
+        return {"state": self.state, "backend": backend}

@@ -65,10 +65,11 @@ class ServerProcess:
         if gated:
             cmd += ["--gate", str(self.gate_file)]
         # gated: one model call at a time, so that a closed gate holds exactly one batch;
-        # otherwise two, on one shared session, whatever the machine's CPU count
+        # otherwise two calls on one shared session, whatever the machine's CPU count. Batches
+        # fill up to max_batch_size: no cap timed at start-up (test_service_calibrate does that)
         workers = "1" if gated else "2"
         cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1",
-                "--workers", workers, *args]
+                "--workers", workers, "--no-tune-batch-size", *args]
         full_env = {**os.environ, "SIMMIM_LOG_LEVEL": "info", **(env or {})}
         full_env.pop("SIMMIM_API_KEY", None)
         if api_key:
