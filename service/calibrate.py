@@ -4,7 +4,9 @@ On a GPU, larger batches are faster per image; on a CPU they may be slower: two 
 ViT-S/16 images at once run at 0.6x the img/s of two calls of one image (the activations no
 longer fit the caches; `benchmarks/`). So the engine times the model at batch 1, 2, 4, ... up to
 max_batch_size, `workers` calls at once as when serving, and caps batches at the largest size
-whose img/s is within TOLERANCE of the fastest.
+whose img/s is within TOLERANCE of the fastest. The tolerance is tight because a batch size
+timed alone does worse under load, when decoding shares the cores and caches (ViT-S/16: 16
+timed at 0.92x the fastest, served 64 concurrent photographs at 0.74x of batch 1).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-TOLERANCE = 0.9
+TOLERANCE = 0.95
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:

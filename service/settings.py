@@ -42,7 +42,7 @@ class Settings(BaseSettings):
                                                       "runs one batch of this size")
     tune_batch_size: bool = Field(True, description="at start-up, time the model at batch 1, "
                                                     "2, 4, ... up to max_batch_size and cap "
-                                                    "batches at the largest size within 10% of "
+                                                    "batches at the largest size within 5% of "
                                                     "the fastest img/s (on a CPU, large batches "
                                                     "can be slower); false: no cap")
     max_wait_ms: float = Field(5.0, ge=0, description="longest an image waits for others to "

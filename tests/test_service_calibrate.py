@@ -17,9 +17,10 @@ def test_batch_sizes_are_powers_of_two_then_the_maximum():
     assert batch_sizes(24) == [1, 2, 4, 8, 16, 24]
 
 
-def test_the_cap_is_the_largest_size_within_ten_percent_of_the_fastest():
-    assert batch_cap({1: 100, 2: 180, 4: 200, 8: 185, 16: 120}) == 8
-    assert batch_cap({1: 20, 2: 19, 4: 15}) == 2
+def test_the_cap_is_the_largest_size_within_five_percent_of_the_fastest():
+    assert batch_cap({1: 100, 2: 180, 4: 200, 8: 192, 16: 120}) == 8
+    assert batch_cap({1: 100, 2: 180, 4: 200, 8: 185, 16: 120}) == 4
+    assert batch_cap({1: 20, 2: 19.5, 4: 15}) == 2
     assert batch_cap({1: 50, 2: 90, 4: 170, 8: 330, 16: 600, 32: 1000}) == 32
 
 
