@@ -28,7 +28,7 @@ def machine_line(r: dict) -> str:
     v = m["versions"]
     libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "torch", "fastapi",
                                               "uvicorn", "uvloop", "httptools", "pillow",
-                                              "numpy") if k in v)
+                                              "numpy", "orjson") if k in v)
     gpu = f"; GPU: {m['gpu']}" if m.get("gpu") else "; no GPU"
     return (f"{m['cpu_model']}, {m['logical_cpus']} logical CPUs "
             f"(AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}), {m['memory_gb']} GB"

@@ -37,7 +37,8 @@ from .targets import compute_targets
 
 log = logging.getLogger("benchmarks")
 PACKAGES = ("onnxruntime", "onnxruntime-gpu", "torch", "timm", "numpy", "pillow", "fastapi",
-            "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "prometheus-client")
+            "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "prometheus-client",
+            "orjson")
 
 
 @dataclass(frozen=True)
