@@ -60,7 +60,8 @@ class OrtEncoder:
     def __init__(self, model: BenchModel, int8: bool, provider: str, one_call: bool = False):
         import onnxruntime as ort
         from service.backend import parallelism, resolve_providers, session_options
-        self.workers, threads = parallelism(provider, 1 if one_call else 0, 0)
+        # as one server process: the benchmark's engine is one process
+        _, self.workers, threads = parallelism(provider, 1, 1 if one_call else 0, 0)
         self.session = ort.InferenceSession(str(model.onnx(int8)),
                                             sess_options=session_options(threads),
                                             providers=resolve_providers(provider))

@@ -48,7 +48,8 @@ def targets_table(r: dict) -> list[str]:
 def rounds_table(r: dict) -> list[str]:
     """Every target round: the load, the engine and each server at the target concurrency."""
     names = [("engine_fp32_b1", "engine b1"), ("engine_fp32_b16", "engine b16"),
-             ("on", "service"), ("off", "service, batching off"), ("naive", "naive"),
+             ("on", "service"), ("on_1process", "service, 1 process"),
+             ("off", "service, batching off"), ("naive", "naive"),
              ("naive_1thread", "naive, 1 thread"), ("engine_int8_b16", "engine int8 b16"),
              ("int8", "service int8")]
     lines = ["| model, images | round | load | " + " | ".join(n for _, n in names) + " |",
@@ -81,7 +82,7 @@ def load_table(r: dict) -> list[str]:
     if not rows:
         return []
     lines = ["| model, images | server | batching | c | img/s | p50 ms | p95 ms | p99 ms | "
-             "mean batch | server cores busy | main-thread CPU us/request |",
+             "mean batch | server cores busy | event-loop CPU us/request |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lat = row.get("latency_ms", {})

@@ -113,6 +113,22 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_processes(pid: int) -> list[int]:
+    """The processes that serve requests: the children of `simmim serve --processes N` that
+    run a server (not multiprocessing's resource tracker), else `pid` itself."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    children = [int(c) for c in path.read_text().split()] if path.exists() else []
+    serving = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return serving or [pid]
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the whole server, of its event-loop threads), from /proc."""
+    processes = server_processes(pid)
+    loops = sum(cpu_seconds(p, p) for p in processes)
+    return sum(cpu_seconds(p) for p in {pid, *processes}), loops
+
+
 def batcher_counters(server: Server) -> dict:
     m = server.metrics()
     get = lambda k: m.get(k, 0.0)                          # noqa: E731
@@ -136,7 +152,7 @@ class Bench:
     def load(self, srv: Server, workload: Workload, concurrency: int, **labels) -> dict:
         a = self.args
         out = self.work / "loadgen.json"
-        cpu0, loop0 = cpu_seconds(srv.pid), cpu_seconds(srv.pid, srv.pid)
+        cpu0, loop0 = server_cpu(srv.pid)
         counters0 = batcher_counters(srv) if labels.get("server") == "service" else None
         cmd = [sys.executable, "-m", "benchmarks.loadgen", srv.url + "/embed",
                str(workload.bodies), "--concurrency", str(concurrency),
@@ -145,13 +161,14 @@ class Bench:
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
         r = json.loads(out.read_text())
         r.update(workload=workload.key, model=workload.model.key, images=workload.images,
-                 **labels, server_cpu_s=cpu_seconds(srv.pid) - cpu0)
+                 **labels)
+        cpu1, loop1 = server_cpu(srv.pid)
+        r["server_cpu_s"] = cpu1 - cpu0
         r["server_cores_busy"] = r["server_cpu_s"] / r["wall_s"]
-        # per request sent (warm-up included): the whole server, and its main thread alone
+        # per request sent (warm-up included): the whole server, and its event loops alone
         # (the event loop: HTTP, routing, validation, batching; not decoding nor inference)
         r["server_cpu_ms_per_request"] = r["server_cpu_s"] / r["requests_sent"] * 1e3
-        r["loop_cpu_us_per_request"] = (cpu_seconds(srv.pid, srv.pid) - loop0) \
-            / r["requests_sent"] * 1e6
+        r["loop_cpu_us_per_request"] = (loop1 - loop0) / r["requests_sent"] * 1e6
         if counters0 is not None:
             c1 = batcher_counters(srv)
             d = {k: c1[k] - counters0[k] for k in c1}
@@ -213,7 +230,12 @@ class Bench:
             servers["int8"] = lambda: simmim_serve(
                 m.model_dir, self.logs / f"{workload.key}_int8.log", {"int8": "true"},
                 a.provider)
-        if a.provider == "cpu":            # the one-thread control (see naive_server.py)
+        if a.provider == "cpu":
+            # the service as one process (the default on CPU is one per 2 cores' share)
+            servers["on_1process"] = lambda: simmim_serve(
+                m.model_dir, self.logs / f"{workload.key}_on1.log", {"processes": 1},
+                a.provider)
+            # the one-thread control (see naive_server.py)
             servers["naive_1thread"] = lambda: naive_serve(
                 m.model_dir, m.checkpoint, self.logs / f"{workload.key}_naive1.log",
                 a.provider, threads=1)

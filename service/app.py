@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -28,7 +29,8 @@ from .errors import ERRORS, ClientDisconnected, NotReady, Unauthorized, install_
 from .inputs import read_body
 from .metrics import Metrics
 from .middleware import BodyLimit, Observe
-from .model_dir import ModelDirError, load_model_dir
+from .model_dir import ModelDir, ModelDirError, load_model_dir
+from .processes import Peers
 from .schemas import (EmbedRequest, EmbedResponse, ErrorResponse, ReconstructRequest,
                       ReconstructResponse, RequestBody, SimilarityRequest, SimilarityResponse)
 from .settings import Settings
@@ -148,17 +150,26 @@ def api_key_guard(key: SecretStr):
     return guard
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Check the model directory now (ModelDirError if it cannot be served); the ONNX sessions
-    are created and warmed up in the background once the server runs."""
-    model = load_model_dir(settings.model_dir)
+def checked_model_dir(path: Path) -> ModelDir:
+    """The model directory, if it can be served; else ModelDirError."""
+    model = load_model_dir(path)
     card = model.card
     try:
         check_sizes(card["image_size"], card["mask_patch_size"], card["patch_size"])
     except ValueError as e:
         raise ModelDirError(f"{model.path / 'model.json'}: {e}") from None
-    metrics = Metrics()
-    engine = Engine(settings, model, metrics)
+    return model
+
+
+def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
+    """Check the model directory now (ModelDirError if it cannot be served); the ONNX sessions
+    are created and warmed up in the background once the server runs. peers: this process's
+    place among several server processes (default: the only one)."""
+    model = checked_model_dir(settings.model_dir)
+    card = model.card
+    peers = peers or Peers()
+    metrics = Metrics(multiprocess=peers.count > 1)
+    engine = Engine(settings, model, metrics, peers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -183,8 +194,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health/ready", tags=["health"], responses=error_docs(NotReady))
     async def ready() -> dict:
-        """200 once the model is loaded and warmed up; 503 before, and while draining."""
-        engine.check_ready()
+        """200 once the model is loaded and warmed up (in every server process); 503 before,
+        and while draining."""
+        engine.check_all_ready()
         return {"status": "ready"}
 
     @app.get("/info", dependencies=guarded)

@@ -66,13 +66,18 @@ def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int
     return cpus or 1
 
 
-def parallelism(provider: str, workers: int, threads: int) -> tuple[int, int]:
-    """(model calls at once, intra-op threads per call), 0 meaning automatic: on the CPU two
-    calls (one if there is one core) sharing the available CPUs; on CUDA one call."""
+def parallelism(provider: str, processes: int, workers: int, threads: int
+                ) -> tuple[int, int, int]:
+    """(server processes, model calls at once per process, intra-op threads per call), 0 meaning
+    automatic. On CUDA: one process, one call. On the CPU: two processes if there are at least
+    2 CPUs; each process takes its share of the CPUs and runs two calls if the share is at
+    least 2 CPUs, else one; each call gets its share of the process's CPUs."""
     cuda = provider == "cuda" or (provider == "auto" and CUDA in ort.get_available_providers())
     cpus = available_cpus()
-    workers = workers or (1 if cuda or cpus < 2 else 2)
-    return workers, threads or max(1, cpus // workers)
+    processes = processes or (1 if cuda or cpus < 2 else 2)
+    share = max(1, cpus // processes)
+    workers = workers or (1 if cuda or share < 2 else 2)
+    return processes, workers, threads or max(1, share // workers)
 
 
 def session_options(threads: int) -> ort.SessionOptions:

@@ -1,4 +1,5 @@
-"""`simmim serve`: the HTTP service under uvicorn, with a real drain on SIGTERM.
+"""`simmim serve`: the HTTP service under uvicorn, in one process or several (service.processes),
+with a real drain on SIGTERM.
 
 Every option is also a SIMMIM_* environment variable (service.settings.Settings); a flag given on
 the command line overrides the environment.
@@ -8,17 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from typing import Literal, get_args, get_origin
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .app import create_app
+from .app import checked_model_dir, create_app
+from .backend import parallelism
 from .engine import FAILED, Engine
 from .errors import describe_validation
 from .logs import configure_logging
 from .model_dir import ModelDirError
+from .processes import Peers, reuse_port_socket, serve_processes
 from .settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("simmim.serve")
@@ -53,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that the first SIGTERM/SIGINT drains before uvicorn's own shutdown, and
-    that a model that fails to load stops the server (load_failed)."""
+    """uvicorn, except that the first SIGTERM/SIGINT drains before uvicorn's own shutdown, that
+    a model that fails to load stops the server (load_failed), and that one of several server
+    processes stops when its parent is gone."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float,
+                 peers: Peers):
         super().__init__(config)
-        self.engine, self.drain_timeout_s = engine, drain_timeout_s
+        self.engine, self.drain_timeout_s, self.peers = engine, drain_timeout_s, peers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._drain_task: asyncio.Task | None = None
@@ -72,6 +80,9 @@ class DrainingServer(uvicorn.Server):
         if self.engine.state == FAILED:
             log.error("the model failed to load (see above); stopping")
             self.load_failed = True
+            return True
+        if self.peers.orphaned():
+            log.error("the parent process is gone; stopping")
             return True
         return await super().on_tick(counter)
 
@@ -96,6 +107,27 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 
 
+def run_server(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None
+               ) -> int:
+    """Serve `app` under uvicorn (on `sockets` if given, else on host:port) until it stops;
+    0 after a clean stop, 1 if it never started or the model failed to load."""
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, server_header=False,
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    engine: Engine = app.state.engine
+    server = DrainingServer(config, engine, settings.drain_timeout_s, engine.peers)
+    server.run(sockets)
+    return 0 if server.started and not server.load_failed else 1
+
+
+def serve_one_of_several(settings: Settings, peers: Peers) -> None:
+    """The body of each server process (see service.processes)."""
+    os.setpgid(0, 0)          # signals come from the parent, which forwards them (one Ctrl-C)
+    configure_logging(settings.log_json, settings.log_level)
+    app = create_app(settings, peers)
+    sys.exit(run_server(app, settings, [reuse_port_socket(settings.host, settings.port)]))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
@@ -103,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simmim serve: invalid settings: {describe_validation(e)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_json, settings.log_level)
+    processes, _, _ = parallelism(settings.provider, settings.processes, settings.workers,
+                                  settings.threads)
     try:
-        app = create_app(settings)
+        if processes > 1:
+            checked_model_dir(settings.model_dir)
+        else:
+            app = create_app(settings, Peers())
     except ModelDirError as e:
         print(f"simmim serve: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, server_header=False,
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
-    server = DrainingServer(config, app.state.engine, settings.drain_timeout_s)
-    server.run()
-    return 0 if server.started and not server.load_failed else 1
+    if processes > 1:
+        return serve_processes(settings, processes, serve_one_of_several)
+    return run_server(app, settings)

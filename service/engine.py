@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,7 @@ from .errors import InferenceFailed, NotReady, ShuttingDown
 from .inputs import load_images
 from .metrics import Metrics
 from .model_dir import ModelDir
+from .processes import Peers
 from .settings import Settings
 
 log = logging.getLogger("simmim.engine")
@@ -41,15 +43,16 @@ def finite(output: np.ndarray) -> np.ndarray:
 
 class Engine:
     def __init__(self, settings: Settings, model: ModelDir, metrics: Metrics,
-                 backend_factory: Callable[[], Backend] | None = None):
+                 peers: Peers | None = None):
         self.settings, self.model, self.metrics = settings, model, metrics
+        self.peers = peers or Peers()
         self.state = LOADING
         self.backend: Backend | None = None
-        self.workers, threads = parallelism(settings.provider, settings.workers, settings.threads)
+        _, self.workers, threads = parallelism(settings.provider, self.peers.count,
+                                               settings.workers, settings.threads)
         self.max_batch_size = settings.max_batch_size     # then capped by tune_batch_size
         self.batch_rates: dict[int, float] = {}
-        self._backend_factory = backend_factory or (lambda: OnnxBackend(
-            model, settings.provider, threads, settings.max_batch_size, settings.int8))
+        self._threads = threads
         self._infer_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="simmim-infer")
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads,
                                                thread_name_prefix="simmim-decode")
@@ -68,7 +71,9 @@ class Engine:
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            backend = await loop.run_in_executor(self._infer_pool, self._backend_factory)
+            backend = await loop.run_in_executor(
+                self._infer_pool, OnnxBackend, self.model, self.settings.provider, self._threads,
+                self.settings.max_batch_size, self.settings.int8)
             await asyncio.gather(*(loop.run_in_executor(self._infer_pool, backend.warmup)
                                    for _ in range(self.workers)))
             if self.settings.tune_batch_size:
@@ -92,9 +97,11 @@ class Engine:
             batcher.start()
         if self.state == LOADING:
             self.state = READY
+            self.peers.set_ready(True)
             self.metrics.ready.set(1)
-            log.info("ready: %s, %d model calls at once, batches of up to %d (img/s by batch "
-                     "size: %s)", self.model.name, self.workers, self.max_batch_size,
+            log.info("ready%s: %s, %d model calls at once, batches of up to %d (img/s by "
+                     "batch size: %s)", self.peers.describe(), self.model.name, self.workers,
+                     self.max_batch_size,
                      {n: round(r, 1) for n, r in self.batch_rates.items()} or "not measured")
 
     def _batcher(self, name: str, run: Callable) -> Batcher:
@@ -109,6 +116,7 @@ class Engine:
         """Refuse new requests (503) and wait up to timeout_s for admitted ones to finish;
         True if they all did."""
         self.state = DRAINING
+        self.peers.set_ready(False)
         self.metrics.ready.set(0)
         log.info("draining: %d requests in flight", self._inflight)
         try:
@@ -139,6 +147,14 @@ class Engine:
         message = "the model failed to load; see the server log" if self.state == FAILED \
             else "the model is loading; retry shortly"
         raise NotReady(message, headers={"Retry-After": "1"})
+
+    def check_all_ready(self) -> None:
+        """check_ready(), and NotReady until every server process is ready."""
+        self.check_ready()
+        ready = self.peers.ready_count()
+        if ready < self.peers.count:
+            raise NotReady(f"{ready} of {self.peers.count} server processes are ready; retry "
+                           "shortly", headers={"Retry-After": "1"})
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
@@ -185,4 +201,5 @@ class Engine:
         if backend:
             backend.update(workers=self.workers, max_batch_size=self.max_batch_size,
                            img_s_by_batch_size=self.batch_rates)
-        return {"state": self.state, "backend": backend}
+        process = {"index": self.peers.index, "of": self.peers.count, "pid": os.getpid()}
+        return {"state": self.state, "process": process, "backend": backend}

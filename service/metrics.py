@@ -1,13 +1,16 @@
 """Prometheus metrics, in a registry of their own per app (so apps and tests never collide).
 
-Times are in seconds; `task` is embed or reconstruct; `endpoint` is the route path.
+Times are in seconds; `task` is embed or reconstruct; `endpoint` is the route path. With several
+server processes, each writes its values to prometheus_client's multiprocess directory and
+/metrics adds them up (gauges: summed, except simmim_ready: the least); the process_* metrics
+are then left out, since they would describe one process only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               ProcessCollector, generate_latest)
+                               ProcessCollector, generate_latest, multiprocess)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -29,20 +32,22 @@ class TaskMetrics:
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess = multiprocess
         r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
+        if not multiprocess:
+            ProcessCollector(registry=r)
         self.requests = Counter("simmim_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("simmim_request_duration_seconds",
                                  "HTTP request latency, first byte in to response sent",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("simmim_ready", "1 once the model is loaded and warmed up, 0 while "
-                           "loading or draining", registry=r)
+                           "loading or draining", multiprocess_mode="livemin", registry=r)
         self._queue_depth = Gauge("simmim_queue_depth", "items admitted and not yet in the model",
-                                  ["task"], registry=r)
+                                  ["task"], multiprocess_mode="livesum", registry=r)
         self._running = Gauge("simmim_running_items", "items in the batches the model is running",
-                              ["task"], registry=r)
+                              ["task"], multiprocess_mode="livesum", registry=r)
         self._queue_wait = Histogram("simmim_queue_wait_seconds",
                                      "per item, time from admission to the start of its batch",
                                      ["task"], buckets=LATENCY_BUCKETS, registry=r)
@@ -63,4 +68,8 @@ class Metrics:
             self._inference, self._dropped, self._failed, self._images)))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process)
+        return generate_latest(every_process)

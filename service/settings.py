@@ -27,15 +27,23 @@ class Settings(BaseSettings):
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution provider: auto (CUDA when onnxruntime-gpu "
                             "and a GPU are present, else CPU), cpu or cuda")
-    workers: int = Field(0, ge=0, description="model calls that may run at once, on one shared "
-                                              "onnxruntime session (0: 2 on a CPU with at least "
-                                              "2 cores, else 1; 1 on CUDA). Two calls of "
-                                              "threads/2 each keep both cores busy while one "
+    processes: int = Field(0, ge=0, description="server processes sharing the port, each "
+                                                "with its own event loop, batcher and copy of "
+                                                "the model (0: 2 on a CPU with at least 2 "
+                                                "cores, else 1; 1 on CUDA). Two processes "
+                                                "parse, decode and answer requests in "
+                                                "parallel, which pays for small images")
+    workers: int = Field(0, ge=0, description="model calls that may run at once in each "
+                                              "process, on one shared onnxruntime session (0: "
+                                              "2 if the process's share of the CPUs is at "
+                                              "least 2, else 1; 1 on CUDA). Two calls of "
+                                              "threads/2 each keep the cores busy while one "
                                               "is preempted; 1 gives the lowest latency for a "
                                               "lone request")
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per model call (0: "
-                                              "the CPUs this process may use, container CPU "
-                                              "quota included, divided among the workers)")
+                                              "the CPUs this server may use, container CPU "
+                                              "quota included, divided among its processes "
+                                              "and their model calls)")
     int8: bool = Field(False, description="embed with encoder.int8.onnx (dynamically quantised) "
                                           "instead of encoder.onnx")
     max_batch_size: int = Field(32, ge=1, description="most images per model call; the warm-up "

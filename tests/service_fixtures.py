@@ -50,12 +50,14 @@ class ServerProcess:
 
     env: extra SIMMIM_* settings; gated: every model call waits for open_gate() (the warm-up
     too, so a gated server starts unready); program: another command line that takes the
-    serve options, instead of the launcher; args: more serve options.
+    serve options, instead of the launcher; args: more serve options; processes: server
+    processes (2: the default on a CPU with 2 cores or more, one model call each).
     """
 
     def __init__(self, model_dir: Path, workdir: Path, env: dict[str, str] | None = None,
                  gated: bool = False, api_key: str | None = API_KEY,
-                 program: list[str] | None = None, args: tuple[str, ...] = ()):
+                 program: list[str] | None = None, args: tuple[str, ...] = (),
+                 processes: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -64,12 +66,15 @@ class ServerProcess:
         cmd = list(program or [sys.executable, str(LAUNCHER)])
         if gated:
             cmd += ["--gate", str(self.gate_file)]
-        # gated: one model call at a time, so that a closed gate holds exactly one batch;
-        # otherwise two calls on one shared session, whatever the machine's CPU count. Batches
-        # fill up to max_batch_size: no cap timed at start-up (test_service_calibrate does that)
+        # gated: one process, one model call at a time, so that a closed gate holds exactly one
+        # batch; otherwise two calls on one shared session per process, whatever the machine's
+        # CPU count. Batches fill up to max_batch_size: no cap timed at start-up
+        # (test_service_calibrate does that)
+        assert not (gated and processes > 1), "the gate holds one process only"
         workers = "1" if gated else "2"
         cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1",
-                "--workers", workers, "--no-tune-batch-size", *args]
+                "--processes", str(processes), "--workers", workers, "--no-tune-batch-size",
+                *args]
         full_env = {**os.environ, "SIMMIM_LOG_LEVEL": "info", **(env or {})}
         full_env.pop("SIMMIM_API_KEY", None)
         if api_key:

@@ -32,7 +32,8 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, 
         ("small", "on"), ("small", "off"), ("photo", "on"), ("photo", "off")}
     for w in ("small", "photo"):
         [row] = r["rounds"][w]["rounds"]                          # one round when quick
-        assert {"engine_fp32_b1", "engine_fp32_b16", "on", "off", "naive"} <= set(row)
+        assert {"engine_fp32_b1", "engine_fp32_b16", "on", "on_1process", "off",
+                "naive"} <= set(row)
     assert {"int8", "engine_int8_b16"} <= set(r["rounds"]["photo"]["rounds"][0])
     for row in r["service"] + r["naive"]:
         assert row["statuses"] == {"200": row["requests"]}, row["statuses"]

@@ -28,7 +28,8 @@ LIMITS = {"SIMMIM_MAX_IMAGES": "8", "SIMMIM_MAX_QUEUE": "64", "SIMMIM_MAX_BATCH_
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("api"), env=LIMITS) as s:
+    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("api"), env=LIMITS,
+                       processes=2) as s:
         s.wait_ready()
         yield s
 

@@ -41,10 +41,12 @@ def test_default_threads_respect_a_container_cpu_quota(tmp_path, cpu_max, expect
 
 
 @pytest.mark.parametrize("provider, cpus, asked, expected", [
-    ("cpu", 1, (0, 0), (1, 1)), ("cpu", 2, (0, 0), (2, 1)), ("cpu", 8, (0, 0), (2, 4)),
-    ("cpu", 6, (3, 0), (3, 2)), ("cpu", 2, (4, 0), (4, 1)), ("cpu", 8, (1, 3), (1, 3)),
-    ("cuda", 8, (0, 0), (1, 8))])
-def test_workers_and_threads_default_to_two_calls_sharing_the_cpus_and_one_on_cuda(
+    ("cpu", 1, (0, 0, 0), (1, 1, 1)), ("cpu", 2, (0, 0, 0), (2, 1, 1)),
+    ("cpu", 8, (0, 0, 0), (2, 2, 2)), ("cpu", 8, (1, 0, 0), (1, 2, 4)),
+    ("cpu", 2, (1, 0, 0), (1, 2, 1)), ("cpu", 6, (1, 3, 0), (1, 3, 2)),
+    ("cpu", 2, (1, 4, 0), (1, 4, 1)), ("cpu", 8, (1, 1, 3), (1, 1, 3)),
+    ("cpu", 8, (4, 0, 0), (4, 2, 1)), ("cuda", 8, (0, 0, 0), (1, 1, 8))])
+def test_processes_workers_and_threads_default_to_two_sharing_the_cpus_and_one_on_cuda(
         monkeypatch, provider, cpus, asked, expected):
     monkeypatch.setattr("service.backend.available_cpus", lambda: cpus)
     assert parallelism(provider, *asked) == expected

@@ -11,6 +11,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from service_fixtures import (LAUNCHER, Reference, ServerProcess, free_port, png_bytes,
                               wait_until)
@@ -87,14 +88,16 @@ def test_sigterm_drains_admitted_requests_then_exits_0(tiny_model_dir, tmp_path)
         assert "drained" in server.log()
 
 
-def test_a_model_that_fails_to_load_stops_the_server_with_status_1(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_model_that_fails_to_load_stops_the_server_with_status_1(tiny_model_dir, tmp_path,
+                                                                    processes):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir, broken)
     card = json.loads((broken / "model.json").read_text())
     card["embedding_dim"] += 1                       # disagrees with encoder.onnx's output
     (broken / "model.json").write_text(json.dumps(card))
     result = subprocess.run([sys.executable, str(LAUNCHER), "--model-dir", str(broken),
-                             "--port", str(free_port())], capture_output=True, text=True,
-                            timeout=120)
+                             "--port", str(free_port()), "--processes", processes],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"{broken / 'encoder.onnx'}: output 'embedding' has shape" in result.stderr
