@@ -119,6 +119,17 @@ def test_the_processes_stop_when_the_parent_is_killed(tiny_model_dir, tmp_path):
         assert server.log().count("the parent process is gone; stopping") == 2
 
 
+def test_a_process_that_dies_stops_the_server_with_status_1(tiny_model_dir, tmp_path):
+    with ServerProcess(tiny_model_dir, tmp_path, processes=2, api_key=None) as server:
+        server.wait_ready()
+        victim, survivor = sorted(server_processes(server.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        assert server.proc.wait(60) == 1
+        assert not alive(survivor)
+        assert f"server process {victim} exited with status -9; stopping the others" \
+            in server.log()
+
+
 def test_ready_only_once_every_process_is_ready(tiny_model_dir):
     flags = [0, 0]
     engine = Engine(Settings(model_dir=tiny_model_dir), load_model_dir(tiny_model_dir),
