@@ -290,5 +290,6 @@ def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
 
     endpoints = {route.path for route in app.routes}
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(Observe, metrics=metrics, endpoints=endpoints)
+    app.add_middleware(Observe, metrics=metrics, endpoints=endpoints,
+                       log_requests=settings.log_requests)
     return app

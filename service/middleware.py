@@ -53,10 +53,12 @@ class Observe:
     """Per request: an id (the client's X-Request-ID if sane, else a new one; echoed back), one
     log line with status and timings, and the request count and latency metrics.
 
-    Routes add their timings in seconds to scope["state"]["timings"]."""
+    Routes add their timings in seconds to scope["state"]["timings"]. Lines of successful
+    requests to QUIET_PATHS, or to any path unless log_requests, are logged at debug level."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: set[str]):
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: set[str], log_requests: bool):
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self.log_requests = log_requests
         # new ids: random per process, then a counter (uuid4 costs a system call per request)
         self._prefix, self._ids = secrets.token_hex(4), itertools.count()
 
@@ -86,8 +88,11 @@ class Observe:
             endpoint = path if path in self.endpoints else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
-            timings = {f"{k}_ms": round(v * 1e3, 2) for k, v in state.get("timings", {}).items()}
-            level = logging.DEBUG if path in QUIET_PATHS and status < 400 else logging.INFO
-            access_log.log(level, "%s %s", scope["method"], path, extra={
-                "request_id": request_id, "status": status, "duration_ms": round(seconds * 1e3, 2),
-                **timings, **state.get("log", {})})
+            quiet = status < 400 and (path in QUIET_PATHS or not self.log_requests)
+            level = logging.DEBUG if quiet else logging.INFO
+            if access_log.isEnabledFor(level):
+                timings = {f"{k}_ms": round(v * 1e3, 2)
+                           for k, v in state.get("timings", {}).items()}
+                access_log.log(level, "%s %s", scope["method"], path, extra={
+                    "request_id": request_id, "status": status,
+                    "duration_ms": round(seconds * 1e3, 2), **timings, **state.get("log", {})})

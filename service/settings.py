@@ -76,6 +76,10 @@ class Settings(BaseSettings):
                                                         "and /docs needs 'Authorization: Bearer "
                                                         "KEY'")
     log_json: bool = Field(False, description="log one JSON object per line")
+    log_requests: bool = Field(True, description="log one line per request (logger "
+                                                 "simmim.access: id, status, timings); false: "
+                                                 "only requests answered 4xx or 5xx, the rest "
+                                                 "at debug level")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info",
                                                                    description="log level")
 

@@ -141,6 +141,27 @@ def test_one_json_log_line_per_request_with_id_status_and_timings(server):
         assert entry[key] >= 0
 
 
+def test_without_log_requests_only_failed_requests_are_logged_at_info(tiny_model_dir, tmp_path):
+    env = {"SIMMIM_LOG_REQUESTS": "false", "SIMMIM_LOG_JSON": "true", "SIMMIM_LOG_LEVEL": "debug"}
+    with ServerProcess(tiny_model_dir, tmp_path, env=env, api_key=None) as quiet:
+        quiet.wait_ready()
+        ok = quiet.http.post("/embed", json={"images": [b64(png_bytes(1))]},
+                             headers={"X-Request-ID": "quiet-ok"})
+        bad = quiet.http.post("/embed", json={"images": "not a list"},
+                              headers={"X-Request-ID": "quiet-bad"})
+        assert (ok.status_code, bad.status_code) == (200, 422)
+
+        def levels():
+            lines = [json.loads(line) for line in quiet.log().splitlines()
+                     if line.startswith("{")]
+            found = {e["request_id"]: e["level"] for e in lines
+                     if e.get("request_id", "").startswith("quiet-")}
+            return found if len(found) == 2 else None
+
+        assert wait_until(levels, "both access log lines") == {"quiet-ok": "debug",
+                                                               "quiet-bad": "info"}
+
+
 # --- /embed ------------------------------------------------------------------------------------
 def test_embed_equals_onnxruntime_on_the_same_preprocessed_pixels(server, ref):
     images = [png_bytes(i) for i in range(5)]
