@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from service.metrics import Metrics
 from service.model_dir import load_model_dir
 from service.processes import Peers
 from service.settings import Settings
-from service_fixtures import Reference, ServerProcess, png_bytes, wait_until
+from service_fixtures import LAUNCHER, Reference, ServerProcess, png_bytes, wait_until
 
 
 def server_processes(pid: int) -> set[int]:
@@ -128,6 +131,18 @@ def test_a_process_that_dies_stops_the_server_with_status_1(tiny_model_dir, tmp_
         assert not alive(survivor)
         assert f"server process {victim} exited with status -9; stopping the others" \
             in server.log()
+
+
+def test_a_port_in_use_exits_1_naming_it(tiny_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(LAUNCHER), "--model-dir",
+                                 str(tiny_model_dir), "--port", str(port), "--processes", "2"],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
 def test_ready_only_once_every_process_is_ready(tiny_model_dir):
