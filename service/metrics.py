@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               ProcessCollector, generate_latest, multiprocess)
+                               ProcessCollector, generate_latest)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -71,5 +72,5 @@ class Metrics:
         if not self.multiprocess:
             return generate_latest(self.registry)
         every_process = CollectorRegistry()
-        multiprocess.MultiProcessCollector(every_process)
+        MultiProcessCollector(every_process)
         return generate_latest(every_process)

@@ -41,7 +41,8 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.color_mode not in COLOR_MODES:
-            raise ValueError(f"color_mode must be one of {sorted(COLOR_MODES)}, not {self.color_mode!r}")
+            raise ValueError(f"color_mode must be one of {sorted(COLOR_MODES)}, "
+                             f"not {self.color_mode!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, "
                              f"not {self.interpolation!r}")
@@ -78,8 +79,8 @@ def open_image(source, max_pixels: int | None = None,
         img = source
     else:
         try:
-            img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview))
-                             else os.fspath(source))
+            in_memory = isinstance(source, (bytes, bytearray, memoryview))
+            img = Image.open(io.BytesIO(source) if in_memory else os.fspath(source))
         except Image.DecompressionBombError as e:  # Pillow's own limit, also from the header
             raise ImageTooLargeError(str(e)) from None
         except (OSError, ValueError) as e:

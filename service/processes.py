@@ -22,8 +22,6 @@ import socket
 import tempfile
 from collections.abc import Callable, MutableSequence
 
-import uvicorn
-
 from .settings import Settings
 
 log = logging.getLogger("simmim.processes")

@@ -166,7 +166,8 @@ def compose_project(cpu_image):
         assert not run(["podman", "ps", "-a", "-q", "--filter", label], 60,
                        check=False).stdout.split(), f"containers of {project} left behind"
         if down.returncode != 0:
-            print(f"[container] podman-compose down exited {down.returncode}: {down.stderr[-1000:]}")
+            print(f"[container] podman-compose down exited {down.returncode}: "
+                  f"{down.stderr[-1000:]}")
 
 
 def wait_ready(base: str, deadline_s: float, log_hint: str) -> None:
