@@ -64,17 +64,19 @@ def test_both_processes_take_connections(server):
 
 def test_every_process_answers_with_the_same_model(server, tiny_model_dir):
     images = [png_bytes(70 + i) for i in range(16)]
-    body = lambda image: {"images": [base64.b64encode(image).decode()], "normalize": False}
 
-    def embed(image: bytes) -> list[float]:
+    def embed(image: bytes) -> tuple[str, list[float]]:
+        """(the answering process's request-id prefix, the embedding)"""
         with httpx.Client(base_url=server.url, headers=server.http.headers) as client:
-            response = client.post("/embed", json=body(image))
+            response = client.post("/embed", json={
+                "images": [base64.b64encode(image).decode()], "normalize": False})
             assert response.status_code == 200
-            return response.json()["embeddings"][0]
+            return response.headers["x-request-id"][:8], response.json()["embeddings"][0]
     with ThreadPoolExecutor(8) as pool:
-        vectors = list(pool.map(embed, images))
+        answers = list(pool.map(embed, images))
+    assert len({prefix for prefix, _ in answers}) == 2             # both processes answered
     expected = Reference(tiny_model_dir).embed(images)
-    assert max(abs(a - b) for v, e in zip(vectors, expected) for a, b in zip(v, e)) < 1e-5
+    assert max(abs(a - b) for (_, v), e in zip(answers, expected) for a, b in zip(v, e)) < 1e-5
 
 
 def test_metrics_add_up_over_the_processes(server):
