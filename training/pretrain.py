@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics.close()
     if world > 1:
         check_replicas_agree(model, rank, world)
+        # DDP holds the process group: release it now, not at interpreter exit, where gloo's
+        # threads could be destroyed still running (SIGABRT, "terminate called ...")
+        del ddp_model
         dist.destroy_process_group()
     return 0
 
