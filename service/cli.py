@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if processes > 1:
             checked_model_dir(settings.model_dir)
         else:
-            app = create_app(settings, Peers())
+            app = create_app(settings)
     except ModelDirError as e:
         print(f"simmim serve: {e}", file=sys.stderr)
         return 2

@@ -42,10 +42,8 @@ def finite(output: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, settings: Settings, model: ModelDir, metrics: Metrics,
-                 peers: Peers | None = None):
-        self.settings, self.model, self.metrics = settings, model, metrics
-        self.peers = peers or Peers()
+    def __init__(self, settings: Settings, model: ModelDir, metrics: Metrics, peers: Peers):
+        self.settings, self.model, self.metrics, self.peers = settings, model, metrics, peers
         self.state = LOADING
         self.backend: Backend | None = None
         _, self.workers, threads = parallelism(settings.provider, self.peers.count,
