@@ -6,10 +6,11 @@ usage: python -m benchmarks.loadgen URL BODIES.jsonl --concurrency C --requests 
            [--warmup-s W] [--out RESULT.json]
 
 BODIES.jsonl holds one {"images": n, "body": {...}} per line (a POST body and how many images it
-carries); connection i sends bodies i, i + C, ... in turn. The client is a few lines of asyncio
-over raw sockets (no HTTP library), so that it costs the shared cores as little as possible (its
-CPU seconds are reported). Throughput counts the
-images answered within the steady-state window; latency percentiles are over the requests
+carries); connection i sends bodies i, i + C, ... in turn. Each connection is an asyncio
+Protocol on uvloop that records a response and writes the next request in one callback (no HTTP
+library, no task or stream per request), so that the client costs the shared cores as little as
+possible: about 85 us of CPU per small-image request here, against 150 with asyncio streams (its
+CPU seconds are reported). Throughput counts the images answered within the steady-state window; latency percentiles are over the requests
 started in it. Each response's x-*-time-ms headers (the service's own timings) are averaged.
 """
 from __future__ import annotations
@@ -25,6 +26,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+try:
+    from uvloop import run as run_loop
+except ImportError:
+    from asyncio import run as run_loop
+
 TIMING = re.compile(rb"^x-([a-z]+)-time-ms:\s*([0-9.]+)", re.IGNORECASE | re.MULTILINE)
 LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.IGNORECASE | re.MULTILINE)
 
@@ -37,41 +43,87 @@ def build_requests(url: str, bodies: list[bytes], images_per_body: list[int]) ->
             for b, n in zip(bodies, images_per_body)]
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = LENGTH.search(head)
-    body = await reader.readexactly(int(length.group(1))) if length else b""
-    return status, head, body
+class Connection(asyncio.Protocol):
+    """One keep-alive connection sending requests back to back, driven by callbacks (no task,
+    no stream, no future per request): each complete response is recorded and the next
+    request written in the same callback. Finishes `done` when it stops issuing."""
+
+    def __init__(self, first: int, requests: list[tuple], state: dict, records: list):
+        self.k, self.requests, self.state, self.records = first, requests, state, records
+        self.done = asyncio.get_running_loop().create_future()
+        self.buffer = bytearray()
+        self.head_end = self.length = -1
+        self.waiting = False                                  # a request is unanswered
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.send_next()
+
+    def send_next(self) -> None:
+        state = self.state
+        if state["issued"] >= state["max_requests"] or time.perf_counter() >= state["stop"]:
+            self.transport.close()
+            return
+        state["issued"] += 1
+        if state["issued"] == state["max_requests"]:
+            state["last_issue"] = time.perf_counter()
+        self.data, self.images = self.requests[self.k % len(self.requests)]
+        self.k += state["concurrency"]
+        self.start, self.waiting = time.perf_counter(), True
+        self.transport.write(self.data)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.head_end < 0:
+            self.head_end = self.buffer.find(b"\r\n\r\n")
+            if self.head_end < 0:
+                return
+            self.head_end += 4
+            length = LENGTH.search(self.buffer, 0, self.head_end)
+            self.length = int(length.group(1)) if length else 0
+        if len(self.buffer) < self.head_end + self.length:
+            return
+        end = time.perf_counter()
+        head = bytes(self.buffer[:self.head_end])
+        body = bytes(self.buffer[self.head_end:self.head_end + self.length])
+        del self.buffer[:self.head_end + self.length]
+        self.head_end, self.waiting = -1, False
+        self.response(head, body, end)
+        self.send_next()
+
+    def response(self, head: bytes, body: bytes, end: float) -> None:
+        state = self.state
+        status = int(head.split(b" ", 2)[1])
+        timings = {m.group(1).decode().lower(): float(m.group(2)) for m in TIMING.finditer(head)}
+        self.records.append((self.start, end, status, self.images, timings))
+        if state["check"] and status == 200:
+            state["check"] = False
+            json.loads(body)                                  # a real JSON answer
+        if state["window"] is None and len(self.records) >= state["concurrency"] \
+                and end >= state["t0"] + state["warmup_s"]:
+            state["window"] = end                             # steady state from here
+            state["stop"] = end + state["seconds"]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done.done():
+            return
+        if self.waiting:
+            self.done.set_exception(exc or ConnectionError(
+                "the server closed the connection before answering"))
+        else:
+            self.done.set_result(None)
 
 
 async def connection(i: int, host: str, port: int, requests: list[tuple], state: dict,
                      records: list) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_connection(
+        lambda: Connection(i, requests, state, records), host, port)
     try:
-        k = i
-        while state["issued"] < state["max_requests"] and time.perf_counter() < state["stop"]:
-            state["issued"] += 1
-            if state["issued"] == state["max_requests"]:
-                state["last_issue"] = time.perf_counter()
-            data, images = requests[k % len(requests)]
-            k += state["concurrency"]
-            start = time.perf_counter()
-            writer.write(data)
-            status, head, body = await read_response(reader)
-            end = time.perf_counter()
-            timings = {m.group(1).decode().lower(): float(m.group(2))
-                       for m in TIMING.finditer(head)}
-            records.append((start, end, status, images, timings))
-            if state["check"] and status == 200:
-                state["check"] = False
-                json.loads(body)                              # a real JSON answer
-            if state["window"] is None and len(records) >= state["concurrency"] \
-                    and end >= state["t0"] + state["warmup_s"]:
-                state["window"] = end                         # steady state from here
-                state["stop"] = end + state["seconds"]
+        await protocol.done
     finally:
-        writer.close()
+        transport.close()
 
 
 def summarize(records: list, begin: float | None, end: float, concurrency: int) -> dict:
@@ -160,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [json.loads(line) for line in args.bodies.read_text().splitlines() if line]
     bodies = [json.dumps(line["body"]).encode() for line in lines]
     images = [line["images"] for line in lines]
-    result = asyncio.run(run(args.url, bodies, images, args.concurrency, args.requests,
+    result = run_loop(run(args.url, bodies, images, args.concurrency, args.requests,
                              args.seconds, args.warmup_s, args.timeout))
     text = json.dumps(result, indent=2)
     if args.out:

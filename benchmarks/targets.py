@@ -69,12 +69,16 @@ def compute_targets(r: dict) -> list[dict]:
             server_cpu = _med(_per_round(
                 rows, lambda x: x["on_load"]["server_cpu_ms_per_request"] * 1e3))
             loop_cpu = _med(_per_round(rows, lambda x: x["on_load"]["loop_cpu_us_per_request"]))
+            client_cpu = _med(_per_round(rows, lambda x: x["on_load"]["client_cpu_s"]
+                                         / x["on_load"]["requests_sent"] * 1e6))
             details.update(overhead_us_per_image=overhead, engine_cpu_us_per_image=engine_cpu,
                            server_cpu_us_per_request=server_cpu,
-                           loop_cpu_us_per_request=loop_cpu)
+                           loop_cpu_us_per_request=loop_cpu,
+                           load_generator_cpu_us_per_request=client_cpu)
             summary += (f"; overhead {overhead:.0f} us per image (server CPU {server_cpu:.0f} us "
                         f"per request against the engine's {engine_cpu:.0f} us per image; "
-                        f"its event loop alone {loop_cpu:.0f} us)")
+                        f"its event loop alone {loop_cpu:.0f} us; the load generator, on the "
+                        f"same cores, {client_cpu:.0f} us)")
         out.append(_target(f"{label(w)}, {what}: service c{c} / engine b16", values, threshold,
                            quick, summary, **details))
 
