@@ -9,9 +9,10 @@ BODIES.jsonl holds one {"images": n, "body": {...}} per line (a POST body and ho
 carries); connection i sends bodies i, i + C, ... in turn. Each connection is an asyncio
 Protocol on uvloop that records a response and writes the next request in one callback (no HTTP
 library, no task or stream per request), so that the client costs the shared cores as little as
-possible: about 85 us of CPU per small-image request here, against 150 with asyncio streams (its
-CPU seconds are reported). Throughput counts the images answered within the steady-state window; latency percentiles are over the requests
-started in it. Each response's x-*-time-ms headers (the service's own timings) are averaged.
+possible: 85-95 us of CPU per small-image request here, against 150 with asyncio streams
+(its CPU seconds are reported). Throughput counts the images answered within the steady-state
+window; latency percentiles are over the requests started in it. Each response's x-*-time-ms
+headers (the service's own timings) are averaged.
 """
 from __future__ import annotations
 

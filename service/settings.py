@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most images per model call; the warm-up "
                                                       "runs one batch of this size")
     tune_batch_size: bool = Field(True, description="at start-up, time the model at batch 1, "
-                                                    "2, 4, ... up to max_batch_size and cap "
+                                                    "2, 4, ... up to max_batch_size (best of 3 "
+                                                    "timings each) and cap "
                                                     "batches at the largest size within 5% of "
                                                     "the fastest img/s (on a CPU, large batches "
                                                     "can be slower); false: no cap")
