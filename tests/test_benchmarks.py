@@ -1,13 +1,18 @@
 """Smoke test of the benchmark command (benchmarks/run.py --quick): it runs end to end on the tiny
-model and writes the JSON, markdown and PNG with the expected keys. No timing is asserted."""
+model and writes the JSON, markdown and PNG with the expected keys. No timing is asserted. And
+the load generator's one failure path: a server that closes connections without answering."""
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
+from benchmarks.loadgen import run
 from service_fixtures import ROOT
 
 
@@ -51,3 +56,27 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, 
     for heading in ("## Targets", "## Engine", "## End to end", "## Where the time goes"):
         assert heading in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_load_generator_reports_a_server_that_closes_without_answering():
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_every_connection() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:                               # the listener is closed: done
+                return
+            conn.recv(65536)
+            conn.close()
+
+    threading.Thread(target=close_every_connection, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/embed"
+    try:
+        result = asyncio.run(run(url, [b"{}"], [1], concurrency=2, max_requests=10,
+                                 seconds=0.5, warmup_s=0.1, timeout=2.0))
+    finally:
+        listener.close()
+    assert result["requests_sent"] == 0 and result["unfinished_connections"] == 0
+    assert len(result["connection_errors"]) == 2
+    assert all("before answering" in e for e in result["connection_errors"])
