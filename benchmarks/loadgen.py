@@ -69,10 +69,10 @@ class Connection(asyncio.Protocol):
         state["issued"] += 1
         if state["issued"] == state["max_requests"]:
             state["last_issue"] = time.perf_counter()
-        self.data, self.images = self.requests[self.k % len(self.requests)]
+        data, self.images = self.requests[self.k % len(self.requests)]
         self.k += state["concurrency"]
         self.start, self.waiting = time.perf_counter(), True
-        self.transport.write(self.data)
+        self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
