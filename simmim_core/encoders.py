@@ -33,25 +33,41 @@ class ViTEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
 
-    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels [N, C, H, W], mask [N, h, w] -> all tokens after the final norm [N, P + h*w, D]."""
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    def embed_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels [N, C, H, W], mask [N, h, w] -> tokens entering the first block [N, P + h*w, D]."""
         x = self.vit.patch_embed(x)                                   # [N, L, D]
         if mask is not None:
             w = mask.flatten(1).unsqueeze(-1).type_as(x)              # [N, L, 1]
             x = x * (1 - w) + self.mask_token.type_as(x) * w
         x = self.vit._pos_embed(x)                                    # prepends cls
-        x = self.vit.norm_pre(x)
-        x = self.vit.blocks(x)
-        return self.vit.norm(x)
+        return self.vit.norm_pre(x)
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """-> (patch tokens as a map [N, D, h, w], prefix tokens [N, P, D])."""
-        tokens = self.forward_tokens(x, mask)
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       layer: int = 0, norm: bool = True) -> torch.Tensor:
+        """-> tokens [N, P + h*w, D] after block `layer` (1..depth; 0: the last), passed
+        through the final norm when `norm`."""
+        x = self.embed_tokens(x, mask)
+        for block in self.vit.blocks[:layer or self.depth]:
+            x = block(x)
+        return self.vit.norm(x) if norm else x
+
+    def to_map(self, tokens: torch.Tensor):
+        """tokens [N, P + h*w, D] -> (patch tokens as a map [N, D, h, w], prefix [N, P, D])."""
         P = self.vit.num_prefix_tokens
         N, L, D = tokens.shape
         h, w = self.grid
         fmap = tokens[:, P:].transpose(1, 2).reshape(N, D, h, w)      # NLC -> NCHW
         return fmap, tokens[:, :P]
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                         layer: int = 0, norm: bool = True):
+        """-> (patch tokens as a map [N, D, h, w], prefix tokens [N, P, D]) after block `layer`
+        (0: the last), through the final norm when `norm`."""
+        return self.to_map(self.forward_tokens(x, mask, layer, norm))
 
     def pool(self, fmap: torch.Tensor, prefix: torch.Tensor | None, pooling: str) -> torch.Tensor:
         if pooling == "cls":

@@ -38,6 +38,8 @@ class ModelConfig:
     proj_dim: int = 128                       # contrastive projection head output
     ema_momentum: float = 0.996               # perceptual: EMA encoder as the frozen network
     pooling: str = "mean"                     # mean | cls | gridK (K x K average grid)
+    feature_layer: int = 0                    # ViT: embed the tokens after this block (0: last)
+    feature_norm: bool = True                 # ViT: pass them through the final norm
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +69,12 @@ class SimMIM(nn.Module):
             raise ValueError(f"pooling {cfg.pooling!r} needs a feature map divisible by "
                              f"{self.grid_pool}; {cfg.arch} gives {feature_size}x{feature_size} "
                              "(choose another --pooling, e.g. mean)")
+        if (cfg.feature_layer or not cfg.feature_norm) and cfg.family != "vit":
+            raise ValueError("feature_layer and feature_norm choose ViT blocks; "
+                             f"{cfg.family} encoders embed their last stage")
+        if cfg.family == "vit" and not 0 <= cfg.feature_layer <= self.encoder.depth:
+            raise ValueError(f"feature_layer {cfg.feature_layer} is outside 0..{self.encoder.depth} "
+                             f"(the blocks of {cfg.arch}; 0 means the last)")
         if cfg.mask_patch_size % self.encoder.patch_size:
             raise ValueError(f"mask_patch_size {cfg.mask_patch_size} is not divisible by the "
                              f"model's patch size {self.encoder.patch_size}")
@@ -94,16 +102,30 @@ class SimMIM(nn.Module):
         """Size of `embed`'s output: D, or D * K * K for gridK pooling."""
         return self.embed_dim * (self.grid_pool or 1) ** 2
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [N, C, H, W] -> pooled embedding [N, embedding_dim] (not normalised).
+    def features(self, pixels: torch.Tensor):
+        """pixels [N, C, H, W] -> (map [N, D, h, w], prefix tokens) that `embed` pools: after
+        block feature_layer, through the final norm if feature_norm (ViT); else the last stage."""
+        if self.cfg.family == "vit":
+            return self.encoder.forward_features(pixels, None, self.cfg.feature_layer,
+                                                 self.cfg.feature_norm)
+        return self.encoder.forward_features(pixels)
 
-        mean: average of the patch tokens after the final norm; cls: the class token; gridK: the
-        feature map average-pooled to K x K cells and flattened (keeps where things are).
+    def pool(self, fmap: torch.Tensor, prefix: torch.Tensor | None,
+             pooling: str | None = None) -> torch.Tensor:
+        """map [N, D, h, w] -> [N, D'] by `pooling` (default: the configured one).
+
+        mean: average of the patch tokens; cls: the class token; gridK: the map average-pooled
+        to K x K cells and flattened (keeps where things are).
         """
-        fmap, prefix = self.encoder.forward_features(pixels)
-        if self.grid_pool is not None:
-            return F.adaptive_avg_pool2d(fmap, self.grid_pool).flatten(1)
-        return self.encoder.pool(fmap, prefix, self.cfg.pooling)
+        pooling = pooling or self.cfg.pooling
+        k = grid_size(pooling)
+        if k is not None:
+            return F.adaptive_avg_pool2d(fmap, k).flatten(1)
+        return self.encoder.pool(fmap, prefix, pooling)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [N, C, H, W] -> pooled embedding [N, embedding_dim] (not normalised)."""
+        return self.pool(*self.features(pixels))
 
     def reconstruct(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pixels [N, C, H, W], mask [N, h, w] -> reconstruction [N, C, H, W] (normalised)."""

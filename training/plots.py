@@ -29,25 +29,38 @@ def reconstruction_grid(pixels: np.ndarray, mask: np.ndarray, recon: np.ndarray,
 
 
 def loss_curve(metrics_path: Path, out_path: Path) -> None:
-    """Plot loss, reconstruction and similarity terms against the step from metrics.jsonl."""
+    """Loss terms against the step from metrics.jsonl; beside them, when the run evaluates
+    online, kNN top-1 against the epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
+    losses = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "knn_top1" in r]
+    if not losses and not evals:
         return
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
     for key in ("loss", "rec", "sim"):
-        if any(r.get(key) for r in rows):
-            ax.plot(steps, [r[key] for r in rows], label=key)
+        if any(r.get(key) for r in losses):
+            ax.plot([r["step"] for r in losses], [r[key] for r in losses], label=key)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    if evals:
+        ax = axes[0, 1]
+        epochs = [r["epoch"] for r in evals]
+        ax.plot(epochs, [100 * r["knn_top1"] for r in evals], "o-", label="embedding")
+        ax.plot(epochs, [100 * r["knn_top1_whitened"] for r in evals], "s--",
+                label=f"PCA-whitened to {evals[-1]['whitened_dim']}-d")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("online kNN top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

@@ -22,6 +22,7 @@ from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic, state_dig
 from .data import PretrainDataset, epoch_batches, load_images
 from .engine import train_one_epoch
 from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides
+from .online_eval import OnlineKNN
 from .plots import loss_curve, reconstruction_grid
 from .presets import PRESETS, TrainConfig
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue exactly from a checkpoint (default: RUN_DIR/checkpoint.pt)")
     p.add_argument("--save-every", type=int, default=0,
                    help="also checkpoint every N optimizer steps (0: at each epoch end only)")
+    p.add_argument("--eval-every", type=float, default=0,
+                   help="every N epochs (and before the first), kNN top-1 on a fixed labelled "
+                        "subset of the training data (10,000 bank and 2,000 query images), "
+                        "logged to metrics.jsonl and drawn in loss_curve.png; 0: off")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_dataclass_options(p, ModelConfig, MODEL_HELP, "model (overrides the preset)")
     add_dataclass_options(p, TrainConfig, TRAIN_HELP, "training recipe (overrides the preset)")
@@ -163,7 +168,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{world} process(es) on {device}", flush=True)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or args.no_progress,
                unit="step", dynamic_ncols=True)
+    if rank == 0:
+        trim_metrics(out / "metrics.jsonl", step)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    online = OnlineKNN(source, spec, seed=train_cfg.seed) if args.eval_every and rank == 0 \
+        else None
+
+    def evaluate_online(epoch: float) -> None:
+        result = online(model, device)
+        metrics.write(json.dumps({"step": step, "epoch": epoch, **result}) + "\n")
+        metrics.flush()
+        bar.write(f"epoch {epoch:g}: online kNN top-1 {result['knn_top1']:.4f} "
+                  f"(whitened {result['knn_top1_whitened']:.4f}, {result['eval_seconds']} s)")
+
+    if online is not None and step == 0:
+        evaluate_online(0)
     started = time.time()
 
     def save(epoch: int) -> None:
@@ -203,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             clip_grad=train_cfg.clip_grad, accum_steps=train_cfg.accum_steps,
             seed=train_cfg.seed, rank=rank, device=device,
             amp_dtype=amp_dtype(train_cfg.amp, device), on_step=on_step)
+        done_epochs = step / steps_per_epoch
+        if online is not None and (step >= total_steps or _crossed(done_epochs, args.eval_every)):
+            evaluate_online(round(done_epochs, 4))
         save(step // steps_per_epoch)
         if rank == 0:
             write_pictures(model, source, spec, mask_gen, out, epoch, device)
@@ -218,6 +240,23 @@ def main(argv: list[str] | None = None) -> int:
         del ddp_model
         dist.destroy_process_group()
     return 0
+
+
+def _crossed(epochs: float, every: float) -> bool:
+    """True when `epochs` (just completed) is a multiple of `every` (within rounding)."""
+    return abs(epochs / every - round(epochs / every)) < 1e-6
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after `step` (a resumed run logs them again), so that
+    metrics.jsonl never holds a step twice."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    keep = [json.dumps(r) for r in rows if "done" not in r and r.get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def check_replicas_agree(model: torch.nn.Module, rank: int, world: int) -> None:
