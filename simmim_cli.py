@@ -3,6 +3,7 @@
 Each subcommand lives in its own module and is imported only when chosen, so that
 `simmim serve` runs where torch is not installed.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,8 +18,11 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: simmim COMMAND [options]   (simmim COMMAND --help explains each option)",
-             "", "commands:"]
+    lines = [
+        "usage: simmim COMMAND [options]   (simmim COMMAND --help explains each option)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<10}{help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 

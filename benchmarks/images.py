@@ -5,6 +5,7 @@ No downloads: the photographs come from Debian's lomiri-wallpapers-16.04 and -20
 matplotlib's sample grace_hopper.jpg; --photos names other files. Only if none is found are
 synthetic JPEGs used, and the result says so.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,12 +20,21 @@ from PIL import Image
 
 # The photographs among /usr/share/backgrounds (the other wallpapers there are drawings).
 DEBIAN_PHOTOS = [
-    "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Kleiber_by_Lukas_Baubkus",
-    "Picture_0B_by_freespace", "Picture_1A_by_freespace", "Wine_by_Jakkub_Mede",
-    "aitzgorri_by_Aitzol_Berasategi", "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi",
-    "greentock_by_Peter_Nerlich", "life_by_Aitzol_Berasategi",
-    "picosdeeuropa_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt",
-    "sunset_by_Aitzol_Berasategi"]
+    "Bridge_by_Sander_Klootwijk",
+    "Dragonfly_by_Bolly",
+    "Kleiber_by_Lukas_Baubkus",
+    "Picture_0B_by_freespace",
+    "Picture_1A_by_freespace",
+    "Wine_by_Jakkub_Mede",
+    "aitzgorri_by_Aitzol_Berasategi",
+    "free_by_Peter_Nerlich",
+    "friends_by_Aitzol_Berasategi",
+    "greentock_by_Peter_Nerlich",
+    "life_by_Aitzol_Berasategi",
+    "picosdeeuropa_by_Aitzol_Berasategi",
+    "seeding_by_Clements_Engelhardt",
+    "sunset_by_Aitzol_Berasategi",
+]
 
 
 def find_photos(patterns: list[str] | None = None) -> tuple[list[Path], str]:
@@ -37,6 +47,7 @@ def find_photos(patterns: list[str] | None = None) -> tuple[list[Path], str]:
     source = "Debian lomiri-wallpapers-16.04/-20.04 photographs" if files else ""
     try:
         import matplotlib
+
         hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
         if hopper.is_file():
             files.append(hopper)
@@ -78,7 +89,7 @@ def tiny_images(photos: list[bytes], side: int, mode: str, n: int) -> list[bytes
         img.draft("RGB", (side * 4, side * 4))
         img = img.convert(mode)
         w, h = img.size
-        s = min(w, h) // (1 + i // len(photos))          # later rounds zoom in: distinct images
+        s = min(w, h) // (1 + i // len(photos))  # later rounds zoom in: distinct images
         box = ((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)
         img = img.resize((side, side), Image.Resampling.LANCZOS, box=box)
         buf = io.BytesIO()
@@ -93,7 +104,7 @@ def write_bodies(images: list[bytes], path: Path, per_request: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for i in range(0, len(images) - per_request + 1, per_request):
-            chunk = [base64.b64encode(b).decode() for b in images[i:i + per_request]]
+            chunk = [base64.b64encode(b).decode() for b in images[i : i + per_request]]
             body = {"images": chunk, "encoding": "base64"}
             f.write(json.dumps({"images": len(chunk), "body": body}) + "\n")
     return path

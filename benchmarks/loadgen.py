@@ -14,6 +14,7 @@ possible: 85-95 us of CPU per small-image request here, against 150 with asyncio
 window; latency percentiles are over the requests started in it. Each response's x-*-time-ms
 headers (the service's own timings) are averaged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,14 @@ LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.IGNORECASE | re.MULTILINE)
 
 def build_requests(url: str, bodies: list[bytes], images_per_body: list[int]) -> list[tuple]:
     parts = urlsplit(url)
-    head = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            "Content-Type: application/json\r\nAccept: application/json\r\n")
-    return [((head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b, n)
-            for b, n in zip(bodies, images_per_body)]
+    head = (
+        f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Content-Type: application/json\r\nAccept: application/json\r\n"
+    )
+    return [
+        ((head + f"Content-Length: {len(b)}\r\n\r\n").encode() + b, n)
+        for b, n in zip(bodies, images_per_body)
+    ]
 
 
 class Connection(asyncio.Protocol):
@@ -54,7 +59,7 @@ class Connection(asyncio.Protocol):
         self.done = asyncio.get_running_loop().create_future()
         self.buffer = bytearray()
         self.head_end = self.length = -1
-        self.waiting = False                                  # a request is unanswered
+        self.waiting = False  # a request is unanswered
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -86,9 +91,9 @@ class Connection(asyncio.Protocol):
         if len(self.buffer) < self.head_end + self.length:
             return
         end = time.perf_counter()
-        head = bytes(self.buffer[:self.head_end])
-        body = bytes(self.buffer[self.head_end:self.head_end + self.length])
-        del self.buffer[:self.head_end + self.length]
+        head = bytes(self.buffer[: self.head_end])
+        body = bytes(self.buffer[self.head_end : self.head_end + self.length])
+        del self.buffer[: self.head_end + self.length]
         self.head_end, self.waiting = -1, False
         self.response(head, body, end)
         self.send_next()
@@ -100,27 +105,33 @@ class Connection(asyncio.Protocol):
         self.records.append((self.start, end, status, self.images, timings))
         if state["check"] and status == 200:
             state["check"] = False
-            json.loads(body)                                  # a real JSON answer
-        if state["window"] is None and len(self.records) >= state["concurrency"] \
-                and end >= state["t0"] + state["warmup_s"]:
-            state["window"] = end                             # steady state from here
+            json.loads(body)  # a real JSON answer
+        if (
+            state["window"] is None
+            and len(self.records) >= state["concurrency"]
+            and end >= state["t0"] + state["warmup_s"]
+        ):
+            state["window"] = end  # steady state from here
             state["stop"] = end + state["seconds"]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.done.done():
             return
         if self.waiting:
-            self.done.set_exception(exc or ConnectionError(
-                "the server closed the connection before answering"))
+            self.done.set_exception(
+                exc or ConnectionError("the server closed the connection before answering")
+            )
         else:
             self.done.set_result(None)
 
 
-async def connection(i: int, host: str, port: int, requests: list[tuple], state: dict,
-                     records: list) -> None:
+async def connection(
+    i: int, host: str, port: int, requests: list[tuple], state: dict, records: list
+) -> None:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_connection(
-        lambda: Connection(i, requests, state, records), host, port)
+        lambda: Connection(i, requests, state, records), host, port
+    )
     try:
         await protocol.done
     finally:
@@ -138,10 +149,14 @@ def summarize(records: list, begin: float | None, end: float, concurrency: int) 
     for r in started:
         statuses[str(r[2])] = statuses.get(str(r[2]), 0) + 1
     answered = sum(r[3] for r in records if begin <= r[1] <= end and r[2] == 200)
-    result.update(requests=len(started), ok=len(ok), statuses=statuses, seconds=end - begin,
-                  img_s=answered / (end - begin),
-                  req_s=sum(1 for r in records if begin <= r[1] <= end and r[2] == 200)
-                  / (end - begin))
+    result.update(
+        requests=len(started),
+        ok=len(ok),
+        statuses=statuses,
+        seconds=end - begin,
+        img_s=answered / (end - begin),
+        req_s=sum(1 for r in records if begin <= r[1] <= end and r[2] == 200) / (end - begin),
+    )
     if ok:
         latency = np.array([r[1] - r[0] for r in ok]) * 1e3
         timings: dict[str, list] = {}
@@ -149,15 +164,28 @@ def summarize(records: list, begin: float | None, end: float, concurrency: int) 
             for k, v in r[4].items():
                 timings.setdefault(k, []).append(v)
         result.update(
-            latency_ms={"mean": float(latency.mean()), "p50": float(np.percentile(latency, 50)),
-                        "p95": float(np.percentile(latency, 95)),
-                        "p99": float(np.percentile(latency, 99)), "max": float(latency.max())},
-            server_ms={k: float(np.mean(v)) for k, v in timings.items()})
+            latency_ms={
+                "mean": float(latency.mean()),
+                "p50": float(np.percentile(latency, 50)),
+                "p95": float(np.percentile(latency, 95)),
+                "p99": float(np.percentile(latency, 99)),
+                "max": float(latency.max()),
+            },
+            server_ms={k: float(np.mean(v)) for k, v in timings.items()},
+        )
     return result
 
 
-async def run(url: str, bodies: list[bytes], images: list[int], concurrency: int,
-              max_requests: int, seconds: float, warmup_s: float, timeout: float) -> dict:
+async def run(
+    url: str,
+    bodies: list[bytes],
+    images: list[int],
+    concurrency: int,
+    max_requests: int,
+    seconds: float,
+    warmup_s: float,
+    timeout: float,
+) -> dict:
     """Warm-up: at least warmup_s, and until `concurrency` requests have been answered (the
     first wave, sent into an empty server, is not representative). Then `seconds` of steady
     state; then the requests in flight finish (at most `timeout`)."""
@@ -165,21 +193,34 @@ async def run(url: str, bodies: list[bytes], images: list[int], concurrency: int
     requests = build_requests(url, bodies, images)
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    state = {"issued": 0, "max_requests": max_requests, "concurrency": concurrency, "t0": t0,
-             "warmup_s": warmup_s, "seconds": seconds, "stop": t0 + warmup_s + seconds + timeout,
-             "window": None, "last_issue": None, "check": True, "steady": True}
+    state = {
+        "issued": 0,
+        "max_requests": max_requests,
+        "concurrency": concurrency,
+        "t0": t0,
+        "warmup_s": warmup_s,
+        "seconds": seconds,
+        "stop": t0 + warmup_s + seconds + timeout,
+        "window": None,
+        "last_issue": None,
+        "check": True,
+        "steady": True,
+    }
     records: list = []
 
     async def first_wave_deadline() -> None:
         await asyncio.sleep(warmup_s + timeout)
-        if state["window"] is None:                   # too slow to answer the first wave
+        if state["window"] is None:  # too slow to answer the first wave
             now = time.perf_counter()
             state.update(window=now, stop=now + seconds, steady=False)
 
     deadline = asyncio.create_task(first_wave_deadline())
-    tasks = [asyncio.create_task(connection(i, parts.hostname, parts.port or 80, requests,
-                                            state, records))
-             for i in range(concurrency)]
+    tasks = [
+        asyncio.create_task(
+            connection(i, parts.hostname, parts.port or 80, requests, state, records)
+        )
+        for i in range(concurrency)
+    ]
     done, pending = await asyncio.wait(tasks, timeout=warmup_s + seconds + 2 * timeout)
     deadline.cancel()
     for task in pending:
@@ -187,34 +228,56 @@ async def run(url: str, bodies: list[bytes], images: list[int], concurrency: int
     errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
     end = min(x for x in (state["stop"], state["last_issue"], time.perf_counter()) if x)
     result = summarize(records, state["window"], end, concurrency)
-    result.update(warmup_s=(state["window"] or end) - t0, steady=state["steady"],
-                  client_cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - t0,
-                  unfinished_connections=len(pending), connection_errors=errors[:3])
+    result.update(
+        warmup_s=(state["window"] or end) - t0,
+        steady=state["steady"],
+        client_cpu_s=time.process_time() - cpu0,
+        wall_s=time.perf_counter() - t0,
+        unfinished_connections=len(pending),
+        connection_errors=errors[:3],
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("url")
     p.add_argument("bodies", type=Path, help='JSON lines: {"images": n, "body": {...}}')
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--requests", type=int, default=100_000,
-                   help="most requests to send (warm-up included)")
+    p.add_argument(
+        "--requests", type=int, default=100_000, help="most requests to send (warm-up included)"
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="seconds of steady state")
-    p.add_argument("--warmup-s", type=float, default=1.0,
-                   help="least seconds not counted at first")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="most seconds for the warm-up's first wave (then the window starts "
-                        "anyway, marked steady=false), and for the requests in flight at the "
-                        "end (then they are abandoned)")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="least seconds not counted at first")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="most seconds for the warm-up's first wave (then the window starts "
+        "anyway, marked steady=false), and for the requests in flight at the "
+        "end (then they are abandoned)",
+    )
     p.add_argument("--out", type=Path, help="write the result here (default: stdout)")
     args = p.parse_args(argv)
     lines = [json.loads(line) for line in args.bodies.read_text().splitlines() if line]
     bodies = [json.dumps(line["body"]).encode() for line in lines]
     images = [line["images"] for line in lines]
-    result = run_loop(run(args.url, bodies, images, args.concurrency, args.requests,
-                             args.seconds, args.warmup_s, args.timeout))
+    result = run_loop(
+        run(
+            args.url,
+            bodies,
+            images,
+            args.concurrency,
+            args.requests,
+            args.seconds,
+            args.warmup_s,
+            args.timeout,
+        )
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -9,6 +9,7 @@ absent) with small images, and a ViT-S/16 at 224 with random weights, fed real p
 --quick is a smoke test: the default model only (photographs resized to its input), short
 runs, two concurrencies; its numbers mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import images as img
-from .engine import ENGINES, OrtEncoder, measure, run_engines
+from .model_speed import ENGINES, OrtEncoder, measure, run_engines
 from .models import BenchModel, default_model, vit_s16
 from .report import write_markdown, write_plot
 from .servers import Server, naive_serve, simmim_serve
@@ -36,17 +37,30 @@ from .stages import stage_costs
 from .targets import compute_targets
 
 log = logging.getLogger("benchmarks")
-PACKAGES = ("onnxruntime", "onnxruntime-gpu", "torch", "timm", "numpy", "pillow", "fastapi",
-            "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "prometheus-client",
-            "orjson")
+PACKAGES = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "torch",
+    "timm",
+    "numpy",
+    "pillow",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "pydantic",
+    "prometheus-client",
+    "orjson",
+)
 
 
 @dataclass(frozen=True)
 class Workload:
-    key: str                    # "small" | "photo"
+    key: str  # "small" | "photo"
     model: BenchModel
-    images: str                 # what the requests carry, in words
-    bodies: Path                # JSON lines for the load generator
+    images: str  # what the requests carry, in words
+    bodies: Path  # JSON lines for the load generator
     originals: list[bytes] | None = None
 
 
@@ -64,7 +78,7 @@ class LoadMonitor:
             self.samples.append((time.time(), os.getloadavg()[0]))
             self._stop.wait(self._every)
 
-    def __enter__(self) -> "LoadMonitor":
+    def __enter__(self) -> LoadMonitor:
         self._thread.start()
         return self
 
@@ -74,9 +88,14 @@ class LoadMonitor:
 
     def summary(self) -> dict:
         loads = [x for _, x in self.samples] or [os.getloadavg()[0]]
-        return {"load1_start": loads[0], "load1_mean": sum(loads) / len(loads),
-                "load1_max": max(loads), "load1_min": min(loads), "load1_end": loads[-1],
-                "samples": len(loads)}
+        return {
+            "load1_start": loads[0],
+            "load1_mean": sum(loads) / len(loads),
+            "load1_max": max(loads),
+            "load1_min": min(loads),
+            "load1_end": loads[-1],
+            "samples": len(loads),
+        }
 
 
 def machine_info(provider: str) -> dict:
@@ -90,18 +109,25 @@ def machine_info(provider: str) -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             pass
-    info = {"cpu_model": fields.get("model name", platform.processor()),
-            "logical_cpus": os.cpu_count(), "cores_per_socket": fields.get("cpu cores"),
-            "avx512_vnni": "avx512_vnni" in flags, "avx2": "avx2" in flags,
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-                               1),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, "provider": provider, "gpu": None}
+    info = {
+        "cpu_model": fields.get("model name", platform.processor()),
+        "logical_cpus": os.cpu_count(),
+        "cores_per_socket": fields.get("cpu cores"),
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx2": "avx2" in flags,
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "provider": provider,
+        "gpu": None,
+    }
     if provider == "cuda":
         try:
             import torch
+
             info["gpu"] = torch.cuda.get_device_name(0)
-        except Exception as e:                             # reported, not fatal
+        except Exception as e:  # reported, not fatal
             info["gpu"] = f"unknown ({type(e).__name__})"
     return info
 
@@ -131,10 +157,12 @@ def server_cpu(pid: int) -> tuple[float, float]:
 
 def batcher_counters(server: Server) -> dict:
     m = server.metrics()
-    get = lambda k: m.get(k, 0.0)                          # noqa: E731
-    return {"batches": get("simmim_batch_size_count{task=embed}"),
-            "items": get("simmim_batch_size_sum{task=embed}"),
-            "inference_s": get("simmim_inference_seconds_sum{task=embed}")}
+    get = lambda k: m.get(k, 0.0)  # noqa: E731
+    return {
+        "batches": get("simmim_batch_size_count{task=embed}"),
+        "items": get("simmim_batch_size_sum{task=embed}"),
+        "inference_s": get("simmim_inference_seconds_sum{task=embed}"),
+    }
 
 
 class Bench:
@@ -145,8 +173,7 @@ class Bench:
         self.result: dict = {"service": [], "naive": [], "rounds": {}, "breakdown": {}}
 
     def progress(self, message: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}",
-              flush=True)
+        print(f"[{time.strftime('%H:%M:%S')} load {os.getloadavg()[0]:.2f}] {message}", flush=True)
 
     # --- load -----------------------------------------------------------------------------
     def load(self, srv: Server, workload: Workload, concurrency: int, **labels) -> dict:
@@ -154,14 +181,26 @@ class Bench:
         out = self.work / "loadgen.json"
         cpu0, loop0 = server_cpu(srv.pid)
         counters0 = batcher_counters(srv) if labels.get("server") == "service" else None
-        cmd = [sys.executable, "-m", "benchmarks.loadgen", srv.url + "/embed",
-               str(workload.bodies), "--concurrency", str(concurrency),
-               "--seconds", str(a.seconds), "--warmup-s", str(a.warmup_s),
-               "--requests", str(a.max_requests), "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            srv.url + "/embed",
+            str(workload.bodies),
+            "--concurrency",
+            str(concurrency),
+            "--seconds",
+            str(a.seconds),
+            "--warmup-s",
+            str(a.warmup_s),
+            "--requests",
+            str(a.max_requests),
+            "--out",
+            str(out),
+        ]
         subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
         r = json.loads(out.read_text())
-        r.update(workload=workload.key, model=workload.model.key, images=workload.images,
-                 **labels)
+        r.update(workload=workload.key, model=workload.model.key, images=workload.images, **labels)
         cpu1, loop1 = server_cpu(srv.pid)
         r["server_cpu_s"] = cpu1 - cpu0
         r["server_cores_busy"] = r["server_cpu_s"] / r["wall_s"]
@@ -172,45 +211,71 @@ class Bench:
         if counters0 is not None:
             c1 = batcher_counters(srv)
             d = {k: c1[k] - counters0[k] for k in c1}
-            r["batcher"] = {"batches": d["batches"],
-                            "mean_batch": d["items"] / d["batches"] if d["batches"] else 0,
-                            "inference_busy": d["inference_s"] / r["wall_s"]}
+            r["batcher"] = {
+                "batches": d["batches"],
+                "mean_batch": d["items"] / d["batches"] if d["batches"] else 0,
+                "inference_busy": d["inference_s"] / r["wall_s"],
+            }
         lat = r.get("latency_ms", {})
-        self.progress(f"{workload.key} {labels} c={concurrency}: {r.get('img_s', 0):.1f} img/s "
-                      f"p50 {lat.get('p50', 0):.1f} ms p99 {lat.get('p99', 0):.1f} ms "
-                      f"{r['statuses']}")
+        self.progress(
+            f"{workload.key} {labels} c={concurrency}: {r.get('img_s', 0):.1f} img/s "
+            f"p50 {lat.get('p50', 0):.1f} ms p99 {lat.get('p99', 0):.1f} ms "
+            f"{r['statuses']}"
+        )
         return r
 
     # --- parts ----------------------------------------------------------------------------
     def engines(self, models: list[BenchModel]) -> None:
         a = self.args
         self.result["engine"] = {
-            m.key: run_engines(m, a.batches, a.engine_seconds, a.provider, ENGINES,
-                               self.progress) for m in models}
+            m.key: run_engines(m, a.batches, a.engine_seconds, a.provider, ENGINES, self.progress)
+            for m in models
+        }
 
     def service(self, workload: Workload) -> None:
         """The curves: fp32, batching on (the default settings) and off (max_batch_size=1),
         at every concurrency."""
         a, m = self.args, workload.model
         for batching, settings in (("on", {}), ("off", {"max_batch_size": 1})):
-            with simmim_serve(m.model_dir, self.logs / f"serve_{workload.key}_{batching}.log",
-                              settings, a.provider) as server:
+            with simmim_serve(
+                m.model_dir,
+                self.logs / f"serve_{workload.key}_{batching}.log",
+                settings,
+                a.provider,
+            ) as server:
                 info = server.info()["settings"]
                 for c in a.concurrency:
-                    self.result["service"].append(self.load(
-                        server, workload, c, server="service", precision="fp32",
-                        batching=batching, max_batch_size=info["max_batch_size"],
-                        max_wait_ms=info["max_wait_ms"]))
+                    self.result["service"].append(
+                        self.load(
+                            server,
+                            workload,
+                            c,
+                            server="service",
+                            precision="fp32",
+                            batching=batching,
+                            max_batch_size=info["max_batch_size"],
+                            max_wait_ms=info["max_wait_ms"],
+                        )
+                    )
 
     def naive(self, workload: Workload) -> None:
         """The curve of the naive endpoint, PyTorch's default threads, at every concurrency."""
         m, a = workload.model, self.args
-        with naive_serve(m.model_dir, m.checkpoint, self.logs / f"naive_{workload.key}.log",
-                         a.provider) as server:
+        with naive_serve(
+            m.model_dir, m.checkpoint, self.logs / f"naive_{workload.key}.log", a.provider
+        ) as server:
             for c in a.concurrency:
-                self.result["naive"].append(self.load(
-                    server, workload, c, server="naive", precision="fp32", batching="none",
-                    torch_threads="default"))
+                self.result["naive"].append(
+                    self.load(
+                        server,
+                        workload,
+                        c,
+                        server="naive",
+                        precision="fp32",
+                        batching="none",
+                        torch_threads="default",
+                    )
+                )
 
     def rounds(self, workload: Workload) -> None:
         """The targets' figures, side by side: every server stays up (idle ones cost nothing),
@@ -218,27 +283,38 @@ class Bench:
         concurrency, back to back, so that a change in the machine's load moves both sides of
         a ratio alike. The targets take the median over rounds of each round's ratio."""
         a, m, c = self.args, workload.model, self.args.target_concurrency
-        servers = {"on": lambda: simmim_serve(m.model_dir, self.logs / f"{workload.key}_on.log",
-                                              {}, a.provider),
-                   "off": lambda: simmim_serve(m.model_dir, self.logs / f"{workload.key}_off.log",
-                                               {"max_batch_size": 1}, a.provider),
-                   "naive": lambda: naive_serve(m.model_dir, m.checkpoint,
-                                                self.logs / f"{workload.key}_naive.log",
-                                                a.provider)}
+        servers = {
+            "on": lambda: simmim_serve(
+                m.model_dir, self.logs / f"{workload.key}_on.log", {}, a.provider
+            ),
+            "off": lambda: simmim_serve(
+                m.model_dir,
+                self.logs / f"{workload.key}_off.log",
+                {"max_batch_size": 1},
+                a.provider,
+            ),
+            "naive": lambda: naive_serve(
+                m.model_dir, m.checkpoint, self.logs / f"{workload.key}_naive.log", a.provider
+            ),
+        }
         int8 = workload.key == "photo" and m.has_int8
         if int8:
             servers["int8"] = lambda: simmim_serve(
-                m.model_dir, self.logs / f"{workload.key}_int8.log", {"int8": "true"},
-                a.provider)
+                m.model_dir, self.logs / f"{workload.key}_int8.log", {"int8": "true"}, a.provider
+            )
         if a.provider == "cpu":
             # the service as one process (the default on CPU is one per 2 cores' share)
             servers["on_1process"] = lambda: simmim_serve(
-                m.model_dir, self.logs / f"{workload.key}_on1.log", {"processes": 1},
-                a.provider)
+                m.model_dir, self.logs / f"{workload.key}_on1.log", {"processes": 1}, a.provider
+            )
             # the one-thread control (see naive_server.py)
             servers["naive_1thread"] = lambda: naive_serve(
-                m.model_dir, m.checkpoint, self.logs / f"{workload.key}_naive1.log",
-                a.provider, threads=1)
+                m.model_dir,
+                m.checkpoint,
+                self.logs / f"{workload.key}_naive1.log",
+                a.provider,
+                threads=1,
+            )
         engines = {"fp32": OrtEncoder(m, False, a.provider)}
         if int8:
             engines["int8"] = OrtEncoder(m, True, a.provider)
@@ -248,7 +324,7 @@ class Bench:
             for i in range(a.rounds):
                 row: dict = {"load1": os.getloadavg()[0]}
                 for precision, engine in engines.items():
-                    for b in ((1, 16) if precision == "fp32" else (16,)):
+                    for b in (1, 16) if precision == "fp32" else (16,):
                         r = measure(engine.caller(b), b, a.engine_seconds, engine.workers)
                         row[f"engine_{precision}_b{b}"] = r["img_s"]
                         row[f"engine_{precision}_b{b}_cpu_ms_per_image"] = r["cpu_ms_per_image"]
@@ -261,12 +337,22 @@ class Bench:
         self.result["rounds"][workload.key] = {"concurrency": c, "rounds": rounds}
 
     def breakdown(self, workload: Workload) -> None:
-        costs = stage_costs(workload.model, workload.bodies, self.args.provider,
-                            self.args.stage_seconds, workload.originals)
+        costs = stage_costs(
+            workload.model,
+            workload.bodies,
+            self.args.provider,
+            self.args.stage_seconds,
+            workload.originals,
+        )
         self.result["breakdown"][workload.key] = {"stages_ms": costs}
-        self.progress(f"stages {workload.key}: "
-                      + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()
-                                  if isinstance(v, float) and k.endswith("_ms")))
+        self.progress(
+            f"stages {workload.key}: "
+            + ", ".join(
+                f"{k} {v:.3f}"
+                for k, v in costs.items()
+                if isinstance(v, float) and k.endswith("_ms")
+            )
+        )
 
 
 def prepare_workloads(args, bench: Bench) -> tuple[list[BenchModel], list[Workload], dict]:
@@ -277,55 +363,106 @@ def prepare_workloads(args, bench: Bench) -> tuple[list[BenchModel], list[Worklo
     if files:
         photos = [f.read_bytes() for f in files]
     else:
-        source = "SYNTHETIC JPEGs (no photograph found: apt-get install " \
-                 "lomiri-wallpapers-16.04 lomiri-wallpapers-20.04, or pass --photos)"
+        source = (
+            "SYNTHETIC JPEGs (no photograph found: apt-get install "
+            "lomiri-wallpapers-16.04 lomiri-wallpapers-20.04, or pass --photos)"
+        )
         photos = img.synthetic_jpegs(8)
     sent = [img.shrink_jpeg(p, args.photo_side) for p in photos] if args.photo_side else photos
     card = small.card
     tiny = img.tiny_images(photos, card["image_size"], card["preprocessing"]["color_mode"], 64)
     bodies = work / "bodies"
     workloads = [
-        Workload("small", small, f"{len(tiny)} {card['image_size']} px "
-                 f"{card['preprocessing']['color_mode']} PNGs",
-                 img.write_bodies(tiny, bodies / "small.jsonl")),
-        Workload("photo", photo_model,
-                 f"{len(sent)} JPEG photographs" + (f", longer side {args.photo_side} px"
-                                                    if args.photo_side else ", as found"),
-                 img.write_bodies(sent, bodies / "photo.jsonl"), originals=photos)]
+        Workload(
+            "small",
+            small,
+            f"{len(tiny)} {card['image_size']} px {card['preprocessing']['color_mode']} PNGs",
+            img.write_bodies(tiny, bodies / "small.jsonl"),
+        ),
+        Workload(
+            "photo",
+            photo_model,
+            f"{len(sent)} JPEG photographs"
+            + (f", longer side {args.photo_side} px" if args.photo_side else ", as found"),
+            img.write_bodies(sent, bodies / "photo.jsonl"),
+            originals=photos,
+        ),
+    ]
     models = [small] if photo_model is small else [small, photo_model]
     described = {
-        "photos": {"source": source, "files": [str(f) for f in files],
-                   "sent_longer_side": args.photo_side or None,
-                   "sent_bytes_mean": sum(map(len, sent)) / len(sent),
-                   "original_bytes_mean": sum(map(len, photos)) / len(photos)},
-        "small": {"count": len(tiny), "size": card["image_size"],
-                  "mode": card["preprocessing"]["color_mode"], "format": "PNG",
-                  "bytes_mean": sum(map(len, tiny)) / len(tiny),
-                  "from": "center crops of the photographs"}}
+        "photos": {
+            "source": source,
+            "files": [str(f) for f in files],
+            "sent_longer_side": args.photo_side or None,
+            "sent_bytes_mean": sum(map(len, sent)) / len(sent),
+            "original_bytes_mean": sum(map(len, photos)) / len(photos),
+        },
+        "small": {
+            "count": len(tiny),
+            "size": card["image_size"],
+            "mode": card["preprocessing"]["color_mode"],
+            "format": "PNG",
+            "bytes_mean": sum(map(len, tiny)) / len(tiny),
+            "from": "center crops of the photographs",
+        },
+    }
     return models, workloads, described
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                   help="folder for results.json, results.md and results.png")
-    p.add_argument("--work", type=Path, default=Path("runs/bench"),
-                   help="cache of built models, request bodies and server logs")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="folder for results.json, results.md and results.png",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/bench"),
+        help="cache of built models, request bodies and server logs",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: tiny settings")
-    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                   help="onnxruntime provider (and PyTorch device) for every part")
-    p.add_argument("--default-model", type=Path, help="model directory to use as the default "
-                   "model (default: service/default_model, or a 2-step fallback)")
-    p.add_argument("--default-checkpoint", type=Path,
-                   help="its checkpoint, for PyTorch (default: its architecture, random weights)")
-    p.add_argument("--photos", nargs="+", help="JPEG files or globs (default: the Debian "
-                   "wallpaper photographs and matplotlib's grace_hopper.jpg)")
-    p.add_argument("--photo-side", type=int, default=1024,
-                   help="re-encode photographs with this longer side before sending; 0: send "
-                        "the files as they are")
-    p.add_argument("--parts", default="engine,targets,service,naive,breakdown",
-                   help="comma-separated subset of engine,targets,service,naive,breakdown")
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="onnxruntime provider (and PyTorch device) for every part",
+    )
+    p.add_argument(
+        "--default-model",
+        type=Path,
+        help="model directory to use as the default "
+        "model (default: service/default_model, or a 2-step fallback)",
+    )
+    p.add_argument(
+        "--default-checkpoint",
+        type=Path,
+        help="its checkpoint, for PyTorch (default: its architecture, random weights)",
+    )
+    p.add_argument(
+        "--photos",
+        nargs="+",
+        help="JPEG files or globs (default: the Debian "
+        "wallpaper photographs and matplotlib's grace_hopper.jpg)",
+    )
+    p.add_argument(
+        "--photo-side",
+        type=int,
+        default=1024,
+        help="re-encode photographs with this longer side before sending; 0: send "
+        "the files as they are",
+    )
+    p.add_argument(
+        "--parts",
+        default="engine,targets,service,naive,breakdown",
+        help="comma-separated subset of engine,targets,service,naive,breakdown",
+    )
     p.add_argument("--rounds", type=int, help="rounds of the side-by-side target figures")
     p.add_argument("--seconds", type=float, help="steady-state seconds per load point")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
@@ -355,10 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     started = time.time()
     r = bench.result
-    r.update(command="python -m benchmarks.run " + " ".join(argv if argv is not None
-                                                               else sys.argv[1:]),
-             quick=quick, started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             machine=machine_info(args.provider))
+    r.update(
+        command="python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        quick=quick,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=machine_info(args.provider),
+    )
     with LoadMonitor() as monitor:
         bench.progress("preparing models and images")
         models, workloads, r["images"] = prepare_workloads(args, bench)

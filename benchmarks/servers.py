@@ -1,5 +1,6 @@
 """Servers under test, each a subprocess on a free loopback port: the real `simmim serve` and the
 naive PyTorch endpoint. Started, polled until ready (with a deadline), stopped with SIGTERM."""
+
 from __future__ import annotations
 
 import json
@@ -35,25 +36,33 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Server:
     """A server subprocess; `with Server(...) as s:` starts it and waits until it is ready."""
 
-    def __init__(self, cmd: list[str], port: int, log_path: Path, env: dict | None = None,
-                 ready_timeout: float = 300.0):
+    def __init__(
+        self,
+        cmd: list[str],
+        port: int,
+        log_path: Path,
+        env: dict | None = None,
+        ready_timeout: float = 300.0,
+    ):
         self.cmd, self.port, self.log_path = cmd, port, log_path
         self.url = f"http://127.0.0.1:{port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("SIMMIM_")}
-        self.env = {**inherited, **(env or {})}           # only the settings given here
+        self.env = {**inherited, **(env or {})}  # only the settings given here
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(self.cmd)} exited {self.proc.returncode}; "
-                                   f"log: {self.log_path}")
+                raise RuntimeError(
+                    f"{' '.join(self.cmd)} exited {self.proc.returncode}; log: {self.log_path}"
+                )
             try:
                 if http_get(self.url + "/health/ready", 1.0)[0] == 200:
                     return self
@@ -61,8 +70,10 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.__exit__()
-                raise RuntimeError(f"{' '.join(self.cmd)} not ready after "
-                                   f"{self.ready_timeout:g} s; log: {self.log_path}")
+                raise RuntimeError(
+                    f"{' '.join(self.cmd)} not ready after "
+                    f"{self.ready_timeout:g} s; log: {self.log_path}"
+                )
             time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
@@ -93,24 +104,48 @@ class Server:
         return out
 
 
-def simmim_serve(model_dir: Path, log_path: Path, settings: dict[str, str] | None = None,
-                 provider: str = "cpu") -> Server:
+def simmim_serve(
+    model_dir: Path, log_path: Path, settings: dict[str, str] | None = None, provider: str = "cpu"
+) -> Server:
     """`simmim serve` with default settings (logging included) except the provider and those
     given (SIMMIM_* names, without the prefix)."""
     port = free_port()
     env = {f"SIMMIM_{k.upper()}": str(v) for k, v in (settings or {}).items()}
     env["SIMMIM_PROVIDER"] = provider
-    cmd = [sys.executable, "-m", "simmim_cli", "serve", "--model-dir", str(model_dir),
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "simmim_cli",
+        "serve",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+    ]
     return Server(cmd, port, log_path, env)
 
 
-def naive_serve(model_dir: Path, checkpoint: Path | None, log_path: Path,
-                provider: str = "cpu", threads: int = 0) -> Server:
+def naive_serve(
+    model_dir: Path,
+    checkpoint: Path | None,
+    log_path: Path,
+    provider: str = "cpu",
+    threads: int = 0,
+) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.naive_server", "--model-dir", str(model_dir),
-           "--port", str(port), "--device", "cuda" if provider == "cuda" else "cpu",
-           "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.naive_server",
+        "--model-dir",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--device",
+        "cuda" if provider == "cuda" else "cpu",
+        "--threads",
+        str(threads),
+    ]
     if checkpoint is not None:
         cmd += ["--checkpoint", str(checkpoint)]
     return Server(cmd, port, log_path)

@@ -6,6 +6,7 @@ load, and as lists of numbers, the API's default), on the same request bodies as
 The service's response headers time decode + preprocessing together (wall time on its decode
 pool); this splits them, and prices the HTTP-side stages the headers do not cover.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,16 @@ import numpy as np
 
 from service.app import embeddings_body, l2_normalize, to_json
 from service.inputs import decode_base64
-from service.preprocess import (Preprocessing, normalize, open_image, resize_center_crop,
-                                to_color_mode)
 from service.schemas import EmbedRequest
+from simmim_core.preprocess import (
+    Preprocessing,
+    normalize,
+    open_image,
+    resize_center_crop,
+    to_color_mode,
+)
 
-from .engine import OrtEncoder
+from .model_speed import OrtEncoder
 from .models import BenchModel
 
 
@@ -35,8 +41,13 @@ def per_item_ms(fn: Callable[[object], object], items: list, min_seconds: float)
     return (time.perf_counter() - start) / n * 1e3
 
 
-def stage_costs(model: BenchModel, bodies: Path, provider: str, min_seconds: float = 0.5,
-                originals: list[bytes] | None = None) -> dict:
+def stage_costs(
+    model: BenchModel,
+    bodies: Path,
+    provider: str,
+    min_seconds: float = 0.5,
+    originals: list[bytes] | None = None,
+) -> dict:
     """Milliseconds per image for each stage (requests of one image each)."""
     spec = Preprocessing.from_dict(model.card["preprocessing"])
     lines = [json.loads(line) for line in bodies.read_text().splitlines() if line][:64]
@@ -47,8 +58,12 @@ def stage_costs(model: BenchModel, bodies: Path, provider: str, min_seconds: flo
     decoded = [open_image(f, None, draft) for f in files]
 
     def prepare(img):
-        img = resize_center_crop(to_color_mode(img, spec.color_mode), spec.resize_size,
-                                 spec.crop_size, spec.interpolation)
+        img = resize_center_crop(
+            to_color_mode(img, spec.color_mode),
+            spec.resize_size,
+            spec.crop_size,
+            spec.interpolation,
+        )
         return normalize(np.asarray(img), spec)
 
     engine = OrtEncoder(model, int8=False, provider=provider)
@@ -66,15 +81,17 @@ def stage_costs(model: BenchModel, bodies: Path, provider: str, min_seconds: flo
         "decode_ms": per_item_ms(lambda f: open_image(f, None, draft), files, min_seconds),
         "preprocess_ms": per_item_ms(prepare, decoded, min_seconds),
         "inference_b1_ms": per_item_ms(
-            lambda p: engine.session.run(["embedding"], {"pixels": p}), [pixels], min_seconds),
+            lambda p: engine.session.run(["embedding"], {"pixels": p}), [pixels], min_seconds
+        ),
         "serialize_ms": per_item_ms(lambda v: render(v, "base64"), [vector], min_seconds),
         "serialize_float_ms": per_item_ms(lambda v: render(v, "float"), [vector], min_seconds),
     }
     if originals:
         out["originals"] = {
             "image_bytes_mean": float(np.mean([len(f) for f in originals])),
-            "decode_ms": per_item_ms(lambda f: open_image(f, None, draft), originals,
-                                     min_seconds),
-            "preprocess_ms": per_item_ms(prepare, [open_image(f, None, draft)
-                                                   for f in originals], min_seconds)}
+            "decode_ms": per_item_ms(lambda f: open_image(f, None, draft), originals, min_seconds),
+            "preprocess_ms": per_item_ms(
+                prepare, [open_image(f, None, draft) for f in originals], min_seconds
+            ),
+        }
     return out

@@ -1,3 +1,5 @@
-"""simmim-service: the HTTP service (FastAPI + onnxruntime) and the torch-free pieces shared with
-training: image preprocessing (`service.preprocess`) and the model directory (`service.model_dir`).
-Importing this package imports nothing heavy."""
+"""simmim-service's HTTP server: FastAPI + onnxruntime, dynamic batching, no torch.
+
+Layers, one way: routes (app) -> engine (readiness, batchers, thread pools) -> backend
+(onnxruntime). The model directory and preprocessing come from simmim_core.
+"""

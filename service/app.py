@@ -2,6 +2,7 @@
 
 Layers: routes (here) -> engine (readiness, batchers, thread pools) -> backend (onnxruntime).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,18 +23,27 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+from simmim_core import visualize
 from simmim_core.masking import check_sizes
-from . import reconstruction
+from simmim_core.model_dir import ModelDir, ModelDirError, load_model_dir
+
 from .batcher import Timing
 from .engine import Engine
 from .errors import ERRORS, ClientDisconnected, NotReady, Unauthorized, install_error_handlers
 from .inputs import read_body
 from .metrics import Metrics
 from .middleware import BodyLimit, Observe
-from .model_dir import ModelDir, ModelDirError, load_model_dir
 from .processes import Peers
-from .schemas import (EmbedRequest, EmbedResponse, ErrorResponse, ReconstructRequest,
-                      ReconstructResponse, RequestBody, SimilarityRequest, SimilarityResponse)
+from .schemas import (
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    ReconstructRequest,
+    ReconstructResponse,
+    RequestBody,
+    SimilarityRequest,
+    SimilarityResponse,
+)
 from .settings import Settings
 
 try:
@@ -64,11 +74,22 @@ def request_body_docs(model: type[RequestBody]) -> dict:
             properties[name] = {"type": "array", "items": image} if name in model.lists else image
         return {**schema, "properties": properties}
 
-    base64_image = {"type": "string", "description": "the image file in base64 (a data: URI "
-                                                     "prefix is accepted; URLs are not fetched)"}
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": with_images(base64_image)},
-        "multipart/form-data": {"schema": with_images({"type": "string", "format": "binary"})}}}}
+    base64_image = {
+        "type": "string",
+        "description": "the image file in base64 (a data: URI "
+        "prefix is accepted; URLs are not fetched)",
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": with_images(base64_image)},
+                "multipart/form-data": {
+                    "schema": with_images({"type": "string", "format": "binary"})
+                },
+            },
+        }
+    }
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -79,8 +100,11 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def embeddings_body(vectors: np.ndarray, encoding: str, model_name: str) -> dict:
     """float32 [N, D] -> the /embed response: rows as numbers, or as base64 of little-endian
     float32 bytes."""
-    out = ([base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-           if encoding == "base64" else vectors)
+    out = (
+        [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        if encoding == "base64"
+        else vectors
+    )
     return {"model": model_name, "dim": int(vectors.shape[1]), "embeddings": out}
 
 
@@ -95,8 +119,12 @@ def record_timings(request: Request, timing: Timing, images: int, serialize_s: f
 
     decode: decoding and preprocessing; queue: waiting for a batch; inference: the model calls;
     serialize: rendering the response body (JSON, or the PNG)."""
-    seconds = {"decode": request.state.decode_s, "queue": timing.queue_s,
-               "inference": timing.inference_s, "serialize": serialize_s}
+    seconds = {
+        "decode": request.state.decode_s,
+        "queue": timing.queue_s,
+        "inference": timing.inference_s,
+        "serialize": serialize_s,
+    }
     request.state.timings = seconds
     request.state.log = {"images": images}
     return {f"x-{k}-time-ms": f"{v * 1e3:.2f}" for k, v in seconds.items()}
@@ -136,12 +164,11 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     try:
         return await work
     except asyncio.CancelledError:
-        if not gone:                         # this request itself is being cancelled
+        if not gone:  # this request itself is being cancelled
             raise
         if sys.version_info >= (3, 11):
-            task.uncancel()                  # handled here: not a cancellation of the task
-        raise ClientDisconnected("the client closed the connection before the results") \
-            from None
+            task.uncancel()  # handled here: not a cancellation of the task
+        raise ClientDisconnected("the client closed the connection before the results") from None
     finally:
         watcher.cancel()
 
@@ -152,10 +179,14 @@ def api_key_guard(key: SecretStr):
     bearer = HTTPBearer(auto_error=False, description="the server's SIMMIM_API_KEY")
 
     async def guard(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
-                                                          expected):
-            raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'",
-                               headers={"WWW-Authenticate": "Bearer"})
+        if credentials is None or not hmac.compare_digest(
+            credentials.credentials.encode(), expected
+        ):
+            raise Unauthorized(
+                "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
     return guard
 
 
@@ -186,9 +217,13 @@ def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
         yield
         await engine.close()
 
-    app = FastAPI(title="simmim-service", version=__version__, lifespan=lifespan,
-                  description=f"SimMIM image embeddings and reconstructions from "
-                              f"{model.name!r} (onnxruntime, dynamic batching).")
+    app = FastAPI(
+        title="simmim-service",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"SimMIM image embeddings and reconstructions from "
+        f"{model.name!r} (onnxruntime, dynamic batching).",
+    )
     app.state.engine = engine
     install_error_handlers(app)
     guarded = [Depends(api_key_guard(settings.api_key))] if settings.api_key else []
@@ -211,8 +246,12 @@ def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
     @app.get("/info", dependencies=guarded)
     async def info() -> dict:
         """The model card, the serving settings (API key left out) and the runtime."""
-        return {"model": card, "settings": settings.public(), "version": __version__,
-                **engine.info()}
+        return {
+            "model": card,
+            "settings": settings.public(),
+            "version": __version__,
+            **engine.info(),
+        }
 
     @app.get("/metrics", dependencies=guarded, response_class=Response)
     async def prometheus() -> Response:
@@ -222,23 +261,29 @@ def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
     async def load(request: Request, sources: list, field: str) -> list[np.ndarray]:
         """Decode and preprocess (off the loop), adding the time to the request's decode_s."""
         start = time.perf_counter()
-        pixels = await engine.load_images(sources, field)
+        pixels = await engine.decode_images(sources, field)
         request.state.decode_s = getattr(request.state, "decode_s", 0.0) + (
-            time.perf_counter() - start)
+            time.perf_counter() - start
+        )
         return pixels
 
-    async def answer(request: Request, timing: Timing, images: int, render,
-                     inline: bool) -> Response:
+    async def answer(
+        request: Request, timing: Timing, images: int, render, inline: bool
+    ) -> Response:
         """JSON of render() -> dict (numpy arrays allowed), with the timing headers; rendered
         on the loop if `inline` (cheap), else on the decode pool."""
         start = time.perf_counter()
-        body = to_json(render()) if inline else \
-            await engine.off_loop(lambda: to_json(render()))
+        body = to_json(render()) if inline else await engine.off_loop(lambda: to_json(render()))
         headers = record_timings(request, timing, images, time.perf_counter() - start)
         return Response(body, media_type="application/json", headers=headers)
 
-    @app.post("/embed", dependencies=guarded, response_model=EmbedResponse,
-              openapi_extra=request_body_docs(EmbedRequest), responses=failures)
+    @app.post(
+        "/embed",
+        dependencies=guarded,
+        response_model=EmbedResponse,
+        openapi_extra=request_body_docs(EmbedRequest),
+        responses=failures,
+    )
     async def embed(request: Request) -> Response:
         """Embed images: [N, D] float32 pooled encoder outputs, L2-normalised unless
         normalize=false; as numbers, or as base64 of little-endian float32."""
@@ -249,12 +294,20 @@ def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
             if body.normalize:
                 vectors = l2_normalize(vectors)
             return await answer(
-                request, timing, len(vectors),
+                request,
+                timing,
+                len(vectors),
                 lambda: embeddings_body(vectors, body.encoding, model.name),
-                inline=vectors.size <= INLINE_NUMBERS)
+                inline=vectors.size <= INLINE_NUMBERS,
+            )
 
-    @app.post("/similarity", dependencies=guarded, response_model=SimilarityResponse,
-              openapi_extra=request_body_docs(SimilarityRequest), responses=failures)
+    @app.post(
+        "/similarity",
+        dependencies=guarded,
+        response_model=SimilarityResponse,
+        openapi_extra=request_body_docs(SimilarityRequest),
+        responses=failures,
+    )
     async def similarity(request: Request) -> Response:
         """Cosine similarity of every image in a with every image in b (b omitted: a)."""
         async with engine.admit():
@@ -263,42 +316,65 @@ def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
             b = await load(request, body.b, "b") if body.b is not None else []
             vectors, timing = await cancel_on_disconnect(request, engine.embed(a + b))
             vectors = l2_normalize(vectors)
-            va = vectors[:len(a)]
-            vb = vectors[len(a):] if b else va
+            va = vectors[: len(a)]
+            vb = vectors[len(a) :] if b else va
             scores = va @ vb.T
-            return await answer(request, timing, len(vectors), lambda: {"scores": scores},
-                                inline=scores.size <= INLINE_NUMBERS)
+            return await answer(
+                request,
+                timing,
+                len(vectors),
+                lambda: {"scores": scores},
+                inline=scores.size <= INLINE_NUMBERS,
+            )
 
-    @app.post("/reconstruct", dependencies=guarded, response_model=ReconstructResponse,
-              openapi_extra=request_body_docs(ReconstructRequest),
-              responses={**failures, 200: {"content": {"image/png": {}}, "description":
-                         "JSON, or with 'Accept: image/png' one PNG: original | masked | "
-                         "reconstruction, scaled up to at least 256 px each"}})
+    @app.post(
+        "/reconstruct",
+        dependencies=guarded,
+        response_model=ReconstructResponse,
+        openapi_extra=request_body_docs(ReconstructRequest),
+        responses={
+            **failures,
+            200: {
+                "content": {"image/png": {}},
+                "description": "JSON, or with 'Accept: image/png' one PNG: original | masked | "
+                "reconstruction, scaled up to at least 256 px each",
+            },
+        },
+    )
     async def reconstruct(request: Request) -> Response:
         """Mask the image with SimMIM's random block mask and reconstruct it."""
         async with engine.admit():
             body = await read_body(request, ReconstructRequest, settings.max_images)
             [pixels] = await load(request, [body.image], "image")
             ratio = card["mask_ratio"] if body.mask_ratio is None else body.mask_ratio
-            mask = reconstruction.random_mask(card, ratio, body.seed)
-            output, timing = await cancel_on_disconnect(request,
-                                                        engine.reconstruct(pixels, mask))
+            mask = visualize.random_mask(card, ratio, body.seed)
+            output, timing = await cancel_on_disconnect(request, engine.reconstruct(pixels, mask))
             patch, spec = card["patch_size"], model.preprocessing
             if wants_png(request):
                 start = time.perf_counter()
-                picture = await engine.off_loop(reconstruction.side_by_side, pixels, mask,
-                                                output, spec, patch)
+                picture = await engine.off_loop(
+                    visualize.side_by_side, pixels, mask, output, spec, patch
+                )
                 headers = record_timings(request, timing, 1, time.perf_counter() - start)
                 return Response(picture, media_type="image/png", headers=headers)
-            return await answer(request, timing, 1, lambda: {
-                "mask": mask.tolist(),
-                "masked_input": base64.b64encode(reconstruction.png(
-                    reconstruction.masked_input(pixels, mask, patch), spec)).decode(),
-                "reconstruction": base64.b64encode(reconstruction.png(output, spec)).decode(),
-                "loss": reconstruction.masked_l1(pixels, output, mask, patch)}, inline=False)
+            return await answer(
+                request,
+                timing,
+                1,
+                lambda: {
+                    "mask": mask.tolist(),
+                    "masked_input": base64.b64encode(
+                        visualize.png(visualize.masked_input(pixels, mask, patch), spec)
+                    ).decode(),
+                    "reconstruction": base64.b64encode(visualize.png(output, spec)).decode(),
+                    "loss": visualize.masked_l1(pixels, output, mask, patch),
+                },
+                inline=False,
+            )
 
     endpoints = {route.path for route in app.routes}
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(Observe, metrics=metrics, endpoints=endpoints,
-                       log_requests=settings.log_requests)
+    app.add_middleware(
+        Observe, metrics=metrics, endpoints=endpoints, log_requests=settings.log_requests
+    )
     return app

@@ -4,6 +4,7 @@ Shapes: pixels float32 [N, C, H, W] normalised; mask uint8 [N, h, w] at the enco
 (1 = masked); embedding float32 [N, D] pooled, not normalised; reconstruction float32
 [N, C, H, W] in normalised pixel space.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,18 +16,25 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from .model_dir import ENCODER, ENCODER_INT8, RECONSTRUCT, ModelDir, ModelDirError
+from simmim_core.model_dir import ENCODER, ENCODER_INT8, RECONSTRUCT, ModelDir, ModelDirError
 
 log = logging.getLogger("simmim.backend")
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-              "tensor(double)": np.float64, "tensor(bool)": np.bool_,
-              "tensor(uint8)": np.uint8, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
 
 
 class Backend(Protocol):
     """What the batcher needs: a largest batch, the two model calls, and a warm-up."""
+
     max_batch_size: int
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
@@ -48,8 +56,10 @@ def resolve_providers(provider: str) -> list[str]:
     if provider == "cpu" or (provider == "auto" and CUDA not in available):
         return [CPU]
     if CUDA not in available:
-        raise RuntimeError(f"provider 'cuda' requested but onnxruntime offers only {available} "
-                           "(install onnxruntime-gpu, and check the CUDA libraries)")
+        raise RuntimeError(
+            f"provider 'cuda' requested but onnxruntime offers only {available} "
+            "(install onnxruntime-gpu, and check the CUDA libraries)"
+        )
     return [CUDA, CPU]
 
 
@@ -66,8 +76,7 @@ def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int
     return cpus or 1
 
 
-def parallelism(provider: str, processes: int, workers: int, threads: int
-                ) -> tuple[int, int, int]:
+def parallelism(provider: str, processes: int, workers: int, threads: int) -> tuple[int, int, int]:
     """(server processes, model calls at once per process, intra-op threads per call), 0 meaning
     automatic. On CUDA: one process, one call. On the CPU: two processes if there are at least
     2 CPUs; each process takes its share of the CPUs and runs two calls if the share is at
@@ -93,8 +102,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def _check_io(session: ort.InferenceSession, path: Path, kind: str,
-              expected: dict[str, tuple]) -> None:
+def _check_io(
+    session: ort.InferenceSession, path: Path, kind: str, expected: dict[str, tuple]
+) -> None:
     """Raise ModelDirError unless each named input/output has the expected fixed dims.
 
     expected: name -> dims, where None stands for the (dynamic) batch axis.
@@ -108,12 +118,15 @@ def _check_io(session: ort.InferenceSession, path: Path, kind: str,
         if len(shape) != len(dims):
             raise ModelDirError(f"{path}: {kind} {name!r} has shape {shape}, expected {dims}")
         if isinstance(shape[0], int):
-            raise ModelDirError(f"{path}: {kind} {name!r} has a fixed batch size {shape[0]}; "
-                                "export it with a dynamic batch axis")
+            raise ModelDirError(
+                f"{path}: {kind} {name!r} has a fixed batch size {shape[0]}; "
+                "export it with a dynamic batch axis"
+            )
         for got, want in zip(shape[1:], dims[1:]):
             if isinstance(got, int) and got != want:
-                raise ModelDirError(f"{path}: {kind} {name!r} has shape {shape}, but model.json "
-                                    f"implies {dims}")
+                raise ModelDirError(
+                    f"{path}: {kind} {name!r} has shape {shape}, but model.json implies {dims}"
+                )
 
 
 class OnnxBackend:
@@ -122,12 +135,19 @@ class OnnxBackend:
     free; it is thread-safe, so several workers share one session (and one copy of the
     weights), each call running on `threads` intra-op threads."""
 
-    def __init__(self, model: ModelDir, provider: str = "auto", threads: int = 0,
-                 max_batch_size: int = 32, int8: bool = False):
+    def __init__(
+        self,
+        model: ModelDir,
+        provider: str = "auto",
+        threads: int = 0,
+        max_batch_size: int = 32,
+        int8: bool = False,
+    ):
         card = model.card
         if int8 and not model.has_int8:
-            raise ModelDirError(f"{model.path}: int8 requested but model.json lists no "
-                                f"{ENCODER_INT8}")
+            raise ModelDirError(
+                f"{model.path}: int8 requested but model.json lists no {ENCODER_INT8}"
+            )
         self.max_batch_size = max_batch_size
         self.provider = provider
         self.providers = resolve_providers(provider)
@@ -141,19 +161,34 @@ class OnnxBackend:
         self._reconstructor = self._session(model.file(RECONSTRUCT), options)
         pixels = (None, c, s, s)
         _check_io(self._encoder, model.file(self.encoder_file), "input", {"pixels": pixels})
-        _check_io(self._encoder, model.file(self.encoder_file), "output",
-                  {"embedding": (None, card["embedding_dim"])})
-        _check_io(self._reconstructor, model.file(RECONSTRUCT), "input",
-                  {"pixels": pixels, "mask": (None, *self.mask_shape)})
-        _check_io(self._reconstructor, model.file(RECONSTRUCT), "output",
-                  {"reconstruction": pixels})
+        _check_io(
+            self._encoder,
+            model.file(self.encoder_file),
+            "output",
+            {"embedding": (None, card["embedding_dim"])},
+        )
+        _check_io(
+            self._reconstructor,
+            model.file(RECONSTRUCT),
+            "input",
+            {"pixels": pixels, "mask": (None, *self.mask_shape)},
+        )
+        _check_io(
+            self._reconstructor, model.file(RECONSTRUCT), "output", {"reconstruction": pixels}
+        )
         mask_type = next(i.type for i in self._reconstructor.get_inputs() if i.name == "mask")
         if mask_type not in ORT_DTYPES:
-            raise ModelDirError(f"{model.file(RECONSTRUCT)}: input 'mask' has unsupported type "
-                                f"{mask_type}")
+            raise ModelDirError(
+                f"{model.file(RECONSTRUCT)}: input 'mask' has unsupported type {mask_type}"
+            )
         self._mask_dtype = ORT_DTYPES[mask_type]
-        log.info("onnxruntime %s, providers %s, %s + %s", ort.__version__,
-                 self._encoder.get_providers(), self.encoder_file, RECONSTRUCT)
+        log.info(
+            "onnxruntime %s, providers %s, %s + %s",
+            ort.__version__,
+            self._encoder.get_providers(),
+            self.encoder_file,
+            RECONSTRUCT,
+        )
 
     def _session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
         """A session on self.providers; 'cuda' fails loudly if onnxruntime fell back to the CPU
@@ -161,15 +196,21 @@ class OnnxBackend:
         session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         if CUDA in self.providers and CUDA not in session.get_providers():
             if self.provider == "cuda":
-                raise RuntimeError(f"provider 'cuda' requested but onnxruntime could not use it "
-                                   f"for {path.name} (got {session.get_providers()}); check the "
-                                   "CUDA and cuDNN libraries")
+                raise RuntimeError(
+                    f"provider 'cuda' requested but onnxruntime could not use it "
+                    f"for {path.name} (got {session.get_providers()}); check the "
+                    "CUDA and cuDNN libraries"
+                )
             log.warning("CUDA is installed but unusable for %s; running on the CPU", path.name)
         return session
 
     def describe(self) -> dict:
-        return {"runtime": f"onnxruntime {ort.__version__}", "threads": self.threads,
-                "providers": self._encoder.get_providers(), "encoder_file": self.encoder_file}
+        return {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "threads": self.threads,
+            "providers": self._encoder.get_providers(),
+            "encoder_file": self.encoder_file,
+        }
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         return self._encoder.run(["embedding"], {"pixels": pixels})[0]

@@ -9,6 +9,7 @@ Each result goes back to its own future, so every caller gets exactly its own re
 order. Items whose request gave up (timeout, disconnect) are dropped before batching; a batch
 whose model call raises fails only its own items, and the loop keeps running.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,17 +32,18 @@ log = logging.getLogger("simmim.batcher")
 class Item:
     input: Any
     future: asyncio.Future
-    admitted: float                   # loop.time() at admission, seconds
-    wait_s: float = 0.0               # admission -> start of its batch
-    batch: int = -1                   # which batch ran it
-    batch_s: float = 0.0              # that batch's model call
+    admitted: float  # loop.time() at admission, seconds
+    wait_s: float = 0.0  # admission -> start of its batch
+    batch: int = -1  # which batch ran it
+    batch_s: float = 0.0  # that batch's model call
 
 
 @dataclass(frozen=True)
 class Timing:
     """Where one request's time went, in seconds."""
-    queue_s: float                    # longest wait of its items for a batch
-    inference_s: float                # sum of the model calls of the batches it was in
+
+    queue_s: float  # longest wait of its items for a batch
+    inference_s: float  # sum of the model calls of the batches it was in
 
 
 class Batcher:
@@ -51,18 +53,28 @@ class Batcher:
     a batch runs at once instead of waiting for company. None: always wait up to max_wait_s.
     workers: most batches running at once (`executor` needs at least as many threads)."""
 
-    def __init__(self, name: str, run: Callable[[list], Sequence], *, max_batch_size: int,
-                 max_wait_s: float, max_queue: int, executor: Executor, metrics: TaskMetrics,
-                 coming: Callable[[], int] | None = None, workers: int = 1):
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list], Sequence],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        executor: Executor,
+        metrics: TaskMetrics,
+        coming: Callable[[], int] | None = None,
+        workers: int = 1,
+    ):
         self.name, self._run, self._coming = name, run, coming
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.workers = workers
         self._executor, self._metrics = executor, metrics
         self._queue: deque[Item] = deque()
         self._arrived = asyncio.Event()
-        self._pending = 0                 # admitted items whose future is not done
-        self._batches = 0                 # model calls so far
-        self._batch_s = 0.0               # their moving-average duration, for Retry-After
+        self._pending = 0  # admitted items whose future is not done
+        self._batches = 0  # model calls so far
+        self._batch_s = 0.0  # their moving-average duration, for Retry-After
         self._closing = False
         self._task: asyncio.Task | None = None
 
@@ -88,9 +100,11 @@ class Batcher:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         if self._pending + len(inputs) > self.max_queue:
-            raise QueueFull(f"the {self.name} queue is full ({self._pending} of "
-                            f"{self.max_queue} images pending); retry later",
-                            headers={"Retry-After": str(self.retry_after())})
+            raise QueueFull(
+                f"the {self.name} queue is full ({self._pending} of "
+                f"{self.max_queue} images pending); retry later",
+                headers={"Retry-After": str(self.retry_after())},
+            )
         loop = asyncio.get_running_loop()
         now = loop.time()
         items = [Item(x, loop.create_future(), now) for x in inputs]
@@ -102,17 +116,19 @@ class Batcher:
         self._arrived.set()
         futures = [item.future for item in items]
         try:
-            done, pending = await asyncio.wait(futures, timeout=timeout_s,
-                                               return_when=asyncio.FIRST_EXCEPTION)
+            done, pending = await asyncio.wait(
+                futures, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION
+            )
         finally:
-            for f in futures:             # frees the rest after a failure, timeout or cancel
+            for f in futures:  # frees the rest after a failure, timeout or cancel
                 f.cancel()
         errors = [f.exception() for f in done if not f.cancelled()]
         if any(errors):
             raise next(e for e in errors if e)
         if pending:
-            raise RequestTimeout(f"no result within the request timeout of {timeout_s:g} s; "
-                                 "the server is overloaded")
+            raise RequestTimeout(
+                f"no result within the request timeout of {timeout_s:g} s; the server is overloaded"
+            )
         outputs = [f.result() for f in futures]
         batches = {item.batch: item.batch_s for item in items}
         return outputs, Timing(max(item.wait_s for item in items), sum(batches.values()))
@@ -149,7 +165,7 @@ class Batcher:
     async def _guarded_run(self, batch: list[Item]) -> None:
         try:
             await self._run_batch(batch)
-        except Exception:                 # a bug here must not strand the waiting requests
+        except Exception:  # a bug here must not strand the waiting requests
             log.exception("%s: batch bookkeeping failed", self.name)
             self._fail(batch)
 
@@ -162,7 +178,7 @@ class Batcher:
         while True:
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()
-                if item.future.done():    # its request timed out or went away
+                if item.future.done():  # its request timed out or went away
                     self._metrics.dropped.inc()
                 else:
                     batch.append(item)
@@ -195,8 +211,9 @@ class Batcher:
         self._metrics.batch_size.observe(len(live))
         self._metrics.running.inc(len(live))
         try:
-            outputs, seconds = await loop.run_in_executor(self._executor, self._call,
-                                                          [item.input for item in live])
+            outputs, seconds = await loop.run_in_executor(
+                self._executor, self._call, [item.input for item in live]
+            )
         except Exception:
             log.exception("%s: model call failed for a batch of %d", self.name, len(live))
             self._metrics.failed_batches.inc()
@@ -224,6 +241,9 @@ class Batcher:
     def _fail(items: list[Item]) -> None:
         for item in items:
             if not item.future.done():
-                item.future.set_exception(InferenceFailed(
-                    "the model failed on a batch holding this request's images; see the "
-                    "server log"))
+                item.future.set_exception(
+                    InferenceFailed(
+                        "the model failed on a batch holding this request's images; see the "
+                        "server log"
+                    )
+                )

@@ -8,6 +8,7 @@ whose img/s is within TOLERANCE of the fastest. The tolerance is tight because a
 timed alone does worse under load, when decoding shares the cores and caches (ViT-S/16: 16
 timed at 0.92x the fastest, served 64 concurrent photographs at 0.74x of batch 1).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,12 +22,18 @@ TOLERANCE = 0.95
 
 def batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, ... below max_batch_size, then max_batch_size itself."""
-    return sorted({min(2 ** k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
+    return sorted({min(2**k, max_batch_size) for k in range(max_batch_size.bit_length() + 1)})
 
 
-def batch_rates(run: Callable[[np.ndarray], object], image_shape: tuple[int, ...],
-                max_batch_size: int, workers: int, pool: Executor,
-                min_seconds: float = 0.1, repeats: int = 3) -> dict[int, float]:
+def batch_rates(
+    run: Callable[[np.ndarray], object],
+    image_shape: tuple[int, ...],
+    max_batch_size: int,
+    workers: int,
+    pool: Executor,
+    min_seconds: float = 0.1,
+    repeats: int = 3,
+) -> dict[int, float]:
     """img/s of run(float32 [n, *image_shape]) at each of batch_sizes(), `workers` calls at a
     time on `pool`: the best of `repeats` timings of at least min_seconds and one round each
     (anything else on the cores only slows a timing down: a single timing put batch 2 at 0.83x

@@ -4,6 +4,7 @@ with a real drain on SIGTERM.
 Every option is also a SIMMIM_* environment variable (service.settings.Settings); a flag given on
 the command line overrides the environment.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,36 +19,38 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
+from simmim_core.model_dir import ModelDirError
+
 from .app import checked_model_dir, create_app
 from .backend import parallelism
 from .engine import FAILED, Engine
 from .errors import describe_validation
 from .logs import configure_logging
-from .model_dir import ModelDirError
 from .processes import Peers, reuse_port_socket, serve_processes
 from .settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("simmim.serve")
-ENV_ONLY = ("api_key",)          # secrets stay out of the process list
+ENV_ONLY = ("api_key",)  # secrets stay out of the process list
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simmim serve",
         description="Serve a model directory over HTTP: POST /embed, /similarity, /reconstruct; "
-                    "GET /health/live, /health/ready, /info, /metrics, /docs. Each option can "
-                    "also be set by the environment variable named in its help; the flag wins.",
+        "GET /health/live, /health/ready, /info, /metrics, /docs. Each option can "
+        "also be set by the environment variable named in its help; the flag wins.",
         epilog=f"{ENV_PREFIX}API_KEY (environment only): "
-               f"{Settings.model_fields['api_key'].description}. On SIGTERM or SIGINT the "
-               "server drains: readiness and new requests answer 503 while admitted requests "
-               "finish (up to --drain-timeout-s), then it exits 0; a second signal stops it "
-               "at once. If the model fails to load, the server exits with status 1.")
+        f"{Settings.model_fields['api_key'].description}. On SIGTERM or SIGINT the "
+        "server drains: readiness and new requests answer 503 while admitted requests "
+        "finish (up to --drain-timeout-s), then it exits 0; a second signal stops it "
+        "at once. If the model fails to load, the server exits with status 1.",
+    )
     for name, field in Settings.model_fields.items():
         if name in ENV_ONLY:
             continue
         default = field.get_default(call_default_factory=True)
         help_ = f"{field.description} [{ENV_PREFIX}{name.upper()}; default: {default}]"
-        help_ = help_.replace("%", "%%")                  # argparse formats help with %
+        help_ = help_.replace("%", "%%")  # argparse formats help with %
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -63,8 +66,9 @@ class DrainingServer(uvicorn.Server):
     a model that fails to load stops the server (load_failed), and that one of several server
     processes stops when its parent is gone."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float,
-                 peers: Peers):
+    def __init__(
+        self, config: uvicorn.Config, engine: Engine, drain_timeout_s: float, peers: Peers
+    ):
         super().__init__(config)
         self.engine, self.drain_timeout_s, self.peers = engine, drain_timeout_s, peers
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -89,7 +93,7 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         """A signal handler: hand the drain over to the event loop, thread-safely."""
         if self._loop is None or self._draining:
-            return super().handle_exit(sig, frame)       # before start-up, or a second signal
+            return super().handle_exit(sig, frame)  # before start-up, or a second signal
         self._draining = True
         self._loop.call_soon_threadsafe(self._start_drain)
 
@@ -107,13 +111,18 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 
 
-def run_server(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None
-               ) -> int:
+def run_server(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> int:
     """Serve `app` under uvicorn (on `sockets` if given, else on host:port) until it stops;
     0 after a clean stop, 1 if it never started or the model failed to load."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, server_header=False,
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
     engine: Engine = app.state.engine
     server = DrainingServer(config, engine, settings.drain_timeout_s, engine.peers)
     server.run(sockets)
@@ -122,7 +131,7 @@ def run_server(app: FastAPI, settings: Settings, sockets: list[socket.socket] | 
 
 def serve_one_of_several(settings: Settings, peers: Peers) -> None:
     """The body of each server process (see service.processes)."""
-    os.setpgid(0, 0)          # signals come from the parent, which forwards them (one Ctrl-C)
+    os.setpgid(0, 0)  # signals come from the parent, which forwards them (one Ctrl-C)
     configure_logging(settings.log_json, settings.log_level)
     app = create_app(settings, peers)
     sys.exit(run_server(app, settings, [reuse_port_socket(settings.host, settings.port)]))
@@ -135,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simmim serve: invalid settings: {describe_validation(e)}", file=sys.stderr)
         return 2
     configure_logging(settings.log_json, settings.log_level)
-    processes, _, _ = parallelism(settings.provider, settings.processes, settings.workers,
-                                  settings.threads)
+    processes, _, _ = parallelism(
+        settings.provider, settings.processes, settings.workers, settings.threads
+    )
     try:
         if processes > 1:
             checked_model_dir(settings.model_dir)

@@ -6,6 +6,7 @@ new requests, admitted ones finish); failed if loading raised. Two thread pools:
 threads run the model calls (each with its share of the cores), `decode_threads` decode large
 images and encode PNGs, overlapping inference.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,13 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from simmim_core.model_dir import ModelDir
+
 from .backend import Backend, OnnxBackend, parallelism
 from .batcher import Batcher, Timing
 from .calibrate import batch_cap, batch_rates
 from .errors import InferenceFailed, NotReady, ShuttingDown
-from .inputs import load_images
+from .inputs import decode_images
 from .metrics import Metrics
-from .model_dir import ModelDir
 from .processes import Peers
 from .settings import Settings
 
@@ -36,8 +38,7 @@ def finite(output: np.ndarray) -> np.ndarray:
     """`output`, or InferenceFailed if the model gave NaN or infinity for these images."""
     if not np.isfinite(output).all():
         log.warning("the model produced NaN or infinite values")
-        raise InferenceFailed("the model produced NaN or infinite values for this request's "
-                              "images")
+        raise InferenceFailed("the model produced NaN or infinite values for this request's images")
     return output
 
 
@@ -46,18 +47,20 @@ class Engine:
         self.settings, self.model, self.metrics, self.peers = settings, model, metrics, peers
         self.state = LOADING
         self.backend: Backend | None = None
-        _, self.workers, threads = parallelism(settings.provider, self.peers.count,
-                                               settings.workers, settings.threads)
-        self.max_batch_size = settings.max_batch_size     # then capped by tune_batch_size
+        _, self.workers, threads = parallelism(
+            settings.provider, self.peers.count, settings.workers, settings.threads
+        )
+        self.max_batch_size = settings.max_batch_size  # then capped by tune_batch_size
         self.batch_rates: dict[int, float] = {}
         self._threads = threads
         self._infer_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="simmim-infer")
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads,
-                                               thread_name_prefix="simmim-decode")
+        self._decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="simmim-decode"
+        )
         self._batchers: dict[str, Batcher] = {}
         self._load_task: asyncio.Task | None = None
         self._inflight = 0
-        self._decoding = 0                # requests whose images are being decoded
+        self._decoding = 0  # requests whose images are being decoded
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -70,16 +73,32 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             backend = await loop.run_in_executor(
-                self._infer_pool, OnnxBackend, self.model, self.settings.provider, self._threads,
-                self.settings.max_batch_size, self.settings.int8)
-            await asyncio.gather(*(loop.run_in_executor(self._infer_pool, backend.warmup)
-                                   for _ in range(self.workers)))
+                self._infer_pool,
+                OnnxBackend,
+                self.model,
+                self.settings.provider,
+                self._threads,
+                self.settings.max_batch_size,
+                self.settings.int8,
+            )
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._infer_pool, backend.warmup)
+                    for _ in range(self.workers)
+                )
+            )
             if self.settings.tune_batch_size:
                 card = self.model.card
                 shape = (card["in_chans"], card["image_size"], card["image_size"])
                 self.batch_rates = await loop.run_in_executor(
-                    None, batch_rates, backend.embed, shape, self.max_batch_size, self.workers,
-                    self._infer_pool)
+                    None,
+                    batch_rates,
+                    backend.embed,
+                    shape,
+                    self.max_batch_size,
+                    self.workers,
+                    self._infer_pool,
+                )
                 self.max_batch_size = batch_cap(self.batch_rates)
         except Exception:
             log.exception("loading the model from %s failed", self.model.path)
@@ -88,8 +107,12 @@ class Engine:
         self.backend = backend
         self._batchers = {
             "embed": self._batcher("embed", lambda xs: backend.embed(np.stack(xs))),
-            "reconstruct": self._batcher("reconstruct", lambda xs: backend.reconstruct(
-                np.stack([p for p, _ in xs]), np.stack([m for _, m in xs]))),
+            "reconstruct": self._batcher(
+                "reconstruct",
+                lambda xs: backend.reconstruct(
+                    np.stack([p for p, _ in xs]), np.stack([m for _, m in xs])
+                ),
+            ),
         }
         for batcher in self._batchers.values():
             batcher.start()
@@ -97,18 +120,29 @@ class Engine:
             self.state = READY
             self.peers.set_ready(True)
             self.metrics.ready.set(1)
-            log.info("ready%s: %s, %d model calls at once, batches of up to %d (img/s by "
-                     "batch size: %s)", self.peers.describe(), self.model.name, self.workers,
-                     self.max_batch_size,
-                     {n: round(r, 1) for n, r in self.batch_rates.items()} or "not measured")
+            log.info(
+                "ready%s: %s, %d model calls at once, batches of up to %d (img/s by "
+                "batch size: %s)",
+                self.peers.describe(),
+                self.model.name,
+                self.workers,
+                self.max_batch_size,
+                {n: round(r, 1) for n, r in self.batch_rates.items()} or "not measured",
+            )
 
     def _batcher(self, name: str, run: Callable) -> Batcher:
         s = self.settings
-        return Batcher(name, run, max_batch_size=self.max_batch_size,
-                       max_wait_s=s.max_wait_ms / 1e3,
-                       max_queue=s.max_queue, executor=self._infer_pool,
-                       metrics=self.metrics.task(name), coming=lambda: self._decoding,
-                       workers=self.workers)
+        return Batcher(
+            name,
+            run,
+            max_batch_size=self.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1e3,
+            max_queue=s.max_queue,
+            executor=self._infer_pool,
+            metrics=self.metrics.task(name),
+            coming=lambda: self._decoding,
+            workers=self.workers,
+        )
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests (503) and wait up to timeout_s for admitted ones to finish;
@@ -142,8 +176,11 @@ class Engine:
             return
         if self.state == DRAINING:
             raise ShuttingDown("the server is shutting down; send new requests elsewhere")
-        message = "the model failed to load; see the server log" if self.state == FAILED \
+        message = (
+            "the model failed to load; see the server log"
+            if self.state == FAILED
             else "the model is loading; retry shortly"
+        )
         raise NotReady(message, headers={"Retry-After": "1"})
 
     def check_all_ready(self) -> None:
@@ -151,8 +188,10 @@ class Engine:
         self.check_ready()
         ready = self.peers.ready_count()
         if ready < self.peers.count:
-            raise NotReady(f"{ready} of {self.peers.count} server processes are ready; retry "
-                           "shortly", headers={"Retry-After": "1"})
+            raise NotReady(
+                f"{ready} of {self.peers.count} server processes are ready; retry shortly",
+                headers={"Retry-After": "1"},
+            )
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[None]:
@@ -167,27 +206,33 @@ class Engine:
             if not self._inflight:
                 self._idle.set()
 
-    async def load_images(self, sources: list, field: str) -> list[np.ndarray]:
+    async def decode_images(self, sources: list, field: str) -> list[np.ndarray]:
         """Request images -> float32 [C, H, W] each, decoded on the decode pool. Counted while
         decoding: their items are coming, so a forming batch waits for them (up to max_wait)."""
         self._decoding += 1
         try:
-            return await load_images(sources, field, self.model.preprocessing,
-                                     self.settings.max_pixels, self._decode_pool)
+            return await decode_images(
+                sources,
+                field,
+                self.model.preprocessing,
+                self.settings.max_pixels,
+                self._decode_pool,
+            )
         finally:
             self._decoding -= 1
 
     async def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, Timing]:
         """[C, H, W] each -> float32 [N, D] pooled embeddings (not normalised)."""
         outputs, timing = await self._batchers["embed"].submit(
-            pixels, self.settings.request_timeout_s)
+            pixels, self.settings.request_timeout_s
+        )
         return finite(np.stack(outputs)), timing
 
-    async def reconstruct(self, pixels: np.ndarray, mask: np.ndarray
-                          ) -> tuple[np.ndarray, Timing]:
+    async def reconstruct(self, pixels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Timing]:
         """[C, H, W], uint8 [h, w] -> float32 [C, H, W] normalised reconstruction."""
         [output], timing = await self._batchers["reconstruct"].submit(
-            [(pixels, mask)], self.settings.request_timeout_s)
+            [(pixels, mask)], self.settings.request_timeout_s
+        )
         return finite(output), timing
 
     async def off_loop(self, fn: Callable, *args):
@@ -197,7 +242,10 @@ class Engine:
     def info(self) -> dict:
         backend = self.backend.describe() if self.backend else None
         if backend:
-            backend.update(workers=self.workers, max_batch_size=self.max_batch_size,
-                           img_s_by_batch_size=self.batch_rates)
+            backend.update(
+                workers=self.workers,
+                max_batch_size=self.max_batch_size,
+                img_s_by_batch_size=self.batch_rates,
+            )
         process = {"index": self.peers.index, "of": self.peers.count, "pid": os.getpid()}
         return {"state": self.state, "process": process, "backend": backend}

@@ -3,6 +3,7 @@
 Body of every error response: {"error": {"code": str, "message": str, "index": int?}}, where
 index names the offending image in the request's list (counting from 0) when there is one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,9 @@ log = logging.getLogger("simmim.errors")
 class ServiceError(Exception):
     """An error whose message is written for the client; ERRORS gives its status and code."""
 
-    def __init__(self, message: str, *, index: int | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, *, index: int | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.message, self.index, self.headers = message, index, headers or {}
 
@@ -109,8 +111,9 @@ def error_response(exc: ServiceError) -> JSONResponse:
 
 def describe_validation(exc: ValidationError | RequestValidationError) -> str:
     """'field.sub: what is wrong; ...' without echoing the input values back."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                     for e in exc.errors())
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -124,13 +127,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code,
-                            headers=exc.headers)
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal", "internal server error; see the server log"),
-                            500)
+        return JSONResponse(
+            error_body("internal", "internal server error; see the server log"), 500
+        )
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -5,6 +5,7 @@ Limits: the request's bytes (middleware.BodyLimit), images per request (here), p
 they overlap inference and never block the event loop for long; only small images (a thumbnail
 decodes in about 0.1 ms, less than the hand-off to a thread costs) are decoded on the loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,9 +21,21 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from .errors import (ImageTooLarge, InvalidImage, InvalidRequest, TooManyImages,
-                     UnsupportedMediaType, describe_validation)
-from .preprocess import ImageDecodeError, ImageTooLargeError, Preprocessing, preprocess_image
+from simmim_core.preprocess import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    Preprocessing,
+    preprocess_image,
+)
+
+from .errors import (
+    ImageTooLarge,
+    InvalidImage,
+    InvalidRequest,
+    TooManyImages,
+    UnsupportedMediaType,
+    describe_validation,
+)
 from .schemas import RequestBody
 
 log = logging.getLogger("simmim.inputs")
@@ -50,13 +63,14 @@ async def read_body(request: Request, model: type[Body], max_images: int) -> Bod
         elif kind == "multipart/form-data":
             body = model.model_validate(await _form_fields(request, model))
         else:
-            raise UnsupportedMediaType(f"Content-Type {kind or '(none)'!r} is not accepted; send "
-                                       "application/json or multipart/form-data")
+            raise UnsupportedMediaType(
+                f"Content-Type {kind or '(none)'!r} is not accepted; send "
+                "application/json or multipart/form-data"
+            )
     except ValidationError as e:
         raise InvalidRequest(describe_validation(e)) from None
     if body.image_count > max_images:
-        raise TooManyImages(f"{body.image_count} images in one request; the limit is "
-                            f"{max_images}")
+        raise TooManyImages(f"{body.image_count} images in one request; the limit is {max_images}")
     return body
 
 
@@ -84,27 +98,28 @@ def decode_base64(text: str) -> bytes:
     """base64 text, with or without a data: URI prefix -> bytes. Raises InvalidBase64."""
     prefix = _DATA_URI.match(text)
     if prefix:
-        text = text[prefix.end():]
+        text = text[prefix.end() :]
     elif text.startswith(("http://", "https://")):
         raise InvalidBase64("URLs are not fetched; send the image itself, base64-encoded")
     try:
         return base64.b64decode(text, validate=True)
     except binascii.Error:
-        pass                              # line-wrapped? (the regex costs ms on photographs)
+        pass  # line-wrapped? (the regex costs ms on photographs)
     try:
         return base64.b64decode(_WHITESPACE.sub("", text), validate=True)
     except binascii.Error:
         raise InvalidBase64("not valid base64") from None
 
 
-def load_image(source: str | bytes, spec: Preprocessing, max_pixels: int) -> np.ndarray:
+def decode_image(source: str | bytes, spec: Preprocessing, max_pixels: int) -> np.ndarray:
     """One request image -> float32 [C, H, W], normalised per `spec`."""
     data = decode_base64(source) if isinstance(source, str) else source
     return preprocess_image(data, spec, max_pixels)
 
 
-async def load_images(sources: list[str | bytes], field: str, spec: Preprocessing,
-                      max_pixels: int, pool: Executor) -> list[np.ndarray]:
+async def decode_images(
+    sources: list[str | bytes], field: str, spec: Preprocessing, max_pixels: int, pool: Executor
+) -> list[np.ndarray]:
     """Decode and preprocess every image: small ones here (see INLINE_PIXELS), the rest in
     `pool`; the first bad one (by index) raises ImageTooLarge (413) or InvalidImage (400)
     naming it."""
@@ -114,19 +129,23 @@ async def load_images(sources: list[str | bytes], field: str, spec: Preprocessin
         if len(source) <= budget:
             budget -= len(source)
             try:
-                results[i] = load_image(source, spec, min(max_pixels, INLINE_PIXELS))
+                results[i] = decode_image(source, spec, min(max_pixels, INLINE_PIXELS))
                 continue
-            except ImageTooLargeError:    # too large for the loop: the pool applies max_pixels
+            except ImageTooLargeError:  # too large for the loop: the pool applies max_pixels
                 pass
-            except Exception as e:        # reported below, in index order
+            except Exception as e:  # reported below, in index order
                 results[i] = e
                 continue
         pooled.append(i)
     if pooled:
         loop = asyncio.get_running_loop()
         done = await asyncio.gather(
-            *(loop.run_in_executor(pool, load_image, sources[i], spec, max_pixels)
-              for i in pooled), return_exceptions=True)
+            *(
+                loop.run_in_executor(pool, decode_image, sources[i], spec, max_pixels)
+                for i in pooled
+            ),
+            return_exceptions=True,
+        )
         for i, result in zip(pooled, done):
             results[i] = result
     for i, result in enumerate(results):
@@ -134,10 +153,11 @@ async def load_images(sources: list[str | bytes], field: str, spec: Preprocessin
             raise ImageTooLarge(f"{field}[{i}]: {result}", index=i)
         if isinstance(result, (ImageDecodeError, InvalidBase64)):
             raise InvalidImage(f"{field}[{i}]: {result}", index=i)
-        if isinstance(result, Exception):     # an image Pillow chokes on: still the image's fault
+        if isinstance(result, Exception):  # an image Pillow chokes on: still the image's fault
             log.warning("%s[%d] could not be processed", field, i, exc_info=result)
-            raise InvalidImage(f"{field}[{i}]: image could not be processed "
-                               f"({type(result).__name__})", index=i)
+            raise InvalidImage(
+                f"{field}[{i}]: image could not be processed ({type(result).__name__})", index=i
+            )
         if isinstance(result, BaseException):
             raise result
     return results

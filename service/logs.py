@@ -3,6 +3,7 @@
 Fields given through `extra=` (request_id, status, duration_ms, ...) become JSON keys, or
 key=value pairs after the message in plain text.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,11 @@ import sys
 from datetime import datetime, timezone
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
-    "message", "asctime", "color_message", "taskName"}
+    "message",
+    "asctime",
+    "color_message",
+    "taskName",
+}
 
 
 def extras(record: logging.LogRecord) -> dict:
@@ -30,10 +35,15 @@ class PlainFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
-                     timespec="milliseconds"),
-                 "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage(), **extras(record)}
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **extras(record),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

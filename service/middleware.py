@@ -1,8 +1,9 @@
 """ASGI middleware: the request-body limit, and per-request observation (id, log line, metrics)."""
+
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import re
 import secrets
 import time
@@ -15,7 +16,7 @@ from .metrics import Metrics
 
 access_log = logging.getLogger("simmim.access")
 
-QUIET_PATHS = ("/health/live", "/health/ready", "/metrics")   # logged at debug level only
+QUIET_PATHS = ("/health/live", "/health/ready", "/metrics")  # logged at debug level only
 _REQUEST_ID = re.compile(r"[\w.:-]{1,64}")
 
 
@@ -67,11 +68,12 @@ class Observe:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         given = Headers(scope=scope).get("x-request-id", "")
-        request_id = (given if _REQUEST_ID.fullmatch(given)
-                      else f"{self._prefix}{next(self._ids):08x}")
+        request_id = (
+            given if _REQUEST_ID.fullmatch(given) else f"{self._prefix}{next(self._ids):08x}"
+        )
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500                      # if the app raises before answering
+        status = 500  # if the app raises before answering
 
         async def observed_send(message: Message) -> None:
             nonlocal status
@@ -91,8 +93,19 @@ class Observe:
             quiet = status < 400 and (path in QUIET_PATHS or not self.log_requests)
             level = logging.DEBUG if quiet else logging.INFO
             if access_log.isEnabledFor(level):
-                timings = {f"{k}_ms": round(v * 1e3, 2)
-                           for k, v in state.get("timings", {}).items()}
-                access_log.log(level, "%s %s", scope["method"], path, extra={
-                    "request_id": request_id, "status": status,
-                    "duration_ms": round(seconds * 1e3, 2), **timings, **state.get("log", {})})
+                timings = {
+                    f"{k}_ms": round(v * 1e3, 2) for k, v in state.get("timings", {}).items()
+                }
+                access_log.log(
+                    level,
+                    "%s %s",
+                    scope["method"],
+                    path,
+                    extra={
+                        "request_id": request_id,
+                        "status": status,
+                        "duration_ms": round(seconds * 1e3, 2),
+                        **timings,
+                        **state.get("log", {}),
+                    },
+                )

@@ -10,6 +10,7 @@ crash): the orchestrator, not this process, restarts a broken server. Readiness 
 /health/ready answers 200 only once every process is ready. Prometheus metrics are added up
 over the processes (prometheus_client's multiprocess mode, in a temporary directory).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,7 @@ from .settings import Settings
 
 log = logging.getLogger("simmim.processes")
 
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"      # read by prometheus_client at import
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client at import
 
 
 class Peers:
@@ -35,8 +36,12 @@ class Peers:
     flags: one byte per process (shared memory across processes), 1 while that one is ready;
     parent_pid: the supervising process (None when this process is the whole server)."""
 
-    def __init__(self, index: int = 0, flags: MutableSequence[int] | None = None,
-                 parent_pid: int | None = None):
+    def __init__(
+        self,
+        index: int = 0,
+        flags: MutableSequence[int] | None = None,
+        parent_pid: int | None = None,
+    ):
         self.index, self.parent_pid = index, parent_pid
         self.flags = flags if flags is not None else [0]
 
@@ -68,24 +73,28 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_processes(settings: Settings, count: int,
-                    child: Callable[[Settings, Peers], None]) -> int:
+def serve_processes(
+    settings: Settings, count: int, child: Callable[[Settings, Peers], None]
+) -> int:
     """Reserve the port and run child(settings, peers) in `count` spawned processes until they
     exit; each binds its own socket to settings.port. Returns 0 if every process exited with 0
     after a signal, else 1 (also if the port cannot be bound)."""
     context = multiprocessing.get_context("spawn")
-    try:       # bound but never listening: takes no connections, keeps the port (if 0) ours
+    try:  # bound but never listening: takes no connections, keeps the port (if 0) ours
         reserved = reuse_port_socket(settings.host, settings.port)
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)
         return 1
     settings = settings.model_copy(update={"port": reserved.getsockname()[1]})
     metrics_dir = tempfile.mkdtemp(prefix="simmim-metrics-")
-    os.environ[METRICS_DIR_ENV] = metrics_dir              # inherited by the processes
+    os.environ[METRICS_DIR_ENV] = metrics_dir  # inherited by the processes
     flags = context.RawArray("b", count)
-    processes = [context.Process(target=child, name=f"simmim-serve-{i}",
-                                 args=(settings, Peers(i, flags, os.getpid())))
-                 for i in range(count)]
+    processes = [
+        context.Process(
+            target=child, name=f"simmim-serve-{i}", args=(settings, Peers(i, flags, os.getpid()))
+        )
+        for i in range(count)
+    ]
     stopping = False
 
     def signal_all(sig: int) -> None:
@@ -103,10 +112,15 @@ def serve_processes(settings: Settings, count: int,
     try:
         for p in processes:
             p.start()
-        if stopping:                                 # a signal came while they started
+        if stopping:  # a signal came while they started
             signal_all(signal.SIGTERM)
-        log.info("listening on http://%s:%d with %d server processes: %s", settings.host,
-                 settings.port, count, [p.pid for p in processes])
+        log.info(
+            "listening on http://%s:%d with %d server processes: %s",
+            settings.host,
+            settings.port,
+            count,
+            [p.pid for p in processes],
+        )
         running = list(processes)
         while running:
             multiprocessing.connection.wait([p.sentinel for p in running])
@@ -115,8 +129,11 @@ def serve_processes(settings: Settings, count: int,
                 if p.exitcode != 0 or not stopping:
                     status = 1
                 if not stopping:
-                    log.error("server process %s exited with status %s; stopping the others",
-                              p.pid, p.exitcode)
+                    log.error(
+                        "server process %s exited with status %s; stopping the others",
+                        p.pid,
+                        p.exitcode,
+                    )
                     stopping = True
                     signal_all(signal.SIGTERM)
     finally:

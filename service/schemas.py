@@ -1,20 +1,25 @@
 """Request and response bodies (DESIGN §4). Requests come as JSON or as multipart/form-data;
 `files` names the fields that carry images, `lists` those that repeat."""
+
 from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ImageInput = Annotated[str | bytes, Field(
-    description="JSON: the image file's bytes in base64 (a data: URI prefix is accepted); "
-                "multipart: the file itself. URLs are not fetched.")]
+ImageInput = Annotated[
+    str | bytes,
+    Field(
+        description="JSON: the image file's bytes in base64 (a data: URI prefix is accepted); "
+        "multipart: the file itself. URLs are not fetched."
+    ),
+]
 
 
 class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    files: ClassVar[tuple[str, ...]] = ()     # fields that hold images
-    lists: ClassVar[tuple[str, ...]] = ()     # fields that are lists (repeated in multipart)
+    files: ClassVar[tuple[str, ...]] = ()  # fields that hold images
+    lists: ClassVar[tuple[str, ...]] = ()  # fields that are lists (repeated in multipart)
 
     @property
     def image_count(self) -> int:
@@ -27,8 +32,10 @@ class EmbedRequest(RequestBody):
     images: list[ImageInput] = Field(min_length=1)
     normalize: bool = Field(True, description="L2-normalise each embedding")
     encoding: Literal["float", "base64"] = Field(
-        "float", description="float: lists of numbers; base64: each embedding as base64 of "
-                             "float32 little-endian bytes")
+        "float",
+        description="float: lists of numbers; base64: each embedding as base64 of "
+        "float32 little-endian bytes",
+    )
 
 
 class EmbedResponse(BaseModel):
@@ -40,8 +47,9 @@ class EmbedResponse(BaseModel):
 class SimilarityRequest(RequestBody):
     files = lists = ("a", "b")
     a: list[ImageInput] = Field(min_length=1)
-    b: list[ImageInput] | None = Field(None, min_length=1,
-                                       description="omitted: a is compared with itself")
+    b: list[ImageInput] | None = Field(
+        None, min_length=1, description="omitted: a is compared with itself"
+    )
 
 
 class SimilarityResponse(BaseModel):
@@ -51,16 +59,23 @@ class SimilarityResponse(BaseModel):
 class ReconstructRequest(RequestBody):
     files = ("image",)
     image: ImageInput
-    mask_ratio: float | None = Field(None, gt=0, le=1, description="share of mask patches "
-                                     "hidden; default: the model's own mask_ratio")
-    seed: int | None = Field(None, ge=0, description="seed of the random mask; omitted: a "
-                                                     "fresh mask each call")
+    mask_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="share of mask patches hidden; default: the model's own mask_ratio",
+    )
+    seed: int | None = Field(
+        None, ge=0, description="seed of the random mask; omitted: a fresh mask each call"
+    )
 
 
 class ReconstructResponse(BaseModel):
     mask: list[list[int]] = Field(description="[h][w] at the encoder's patch grid, 1 = masked")
-    masked_input: str = Field(description="PNG, base64: the preprocessed image with the masked "
-                                          "patches set to the dataset mean")
+    masked_input: str = Field(
+        description="PNG, base64: the preprocessed image with the masked "
+        "patches set to the dataset mean"
+    )
     reconstruction: str = Field(description="PNG, base64: the model's reconstruction")
     loss: float = Field(description="mean L1 over masked pixels, in normalised pixel space")
 

@@ -6,15 +6,40 @@ Needs only httpx and numpy (Pillow to pass PIL images, tqdm for progress=True).
     with Client("http://127.0.0.1:8000") as client:
         vectors = client.embed(["a.jpg", "b.png"])        # float32 [2, D], L2-normalised
 """
+
 from .client import AsyncClient, Client, Health, Reconstruction
-from .errors import (APIError, AuthenticationError, BadRequestError, ConnectionFailedError,
-                     GatewayTimeoutError, InvalidRequestError, PayloadTooLargeError,
-                     QueueFullError, ServerError, ServiceUnavailableError, SimmimError,
-                     UnsupportedMediaTypeError)
+from .errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConnectionFailedError,
+    GatewayTimeoutError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    QueueFullError,
+    ServerError,
+    ServiceUnavailableError,
+    SimmimError,
+    UnsupportedMediaTypeError,
+)
 from .images import encode_png
 
-__all__ = ["AsyncClient", "Client", "Health", "Reconstruction", "APIError",
-           "AuthenticationError", "BadRequestError", "ConnectionFailedError",
-           "GatewayTimeoutError", "InvalidRequestError", "PayloadTooLargeError", "QueueFullError",
-           "ServerError", "ServiceUnavailableError", "SimmimError", "UnsupportedMediaTypeError",
-           "encode_png"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Health",
+    "Reconstruction",
+    "APIError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConnectionFailedError",
+    "GatewayTimeoutError",
+    "InvalidRequestError",
+    "PayloadTooLargeError",
+    "QueueFullError",
+    "ServerError",
+    "ServiceUnavailableError",
+    "SimmimError",
+    "UnsupportedMediaTypeError",
+    "encode_png",
+]

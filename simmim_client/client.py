@@ -5,6 +5,7 @@ of them at once, and retry with exponential backoff (with jitter) on 429 and 503
 server's Retry-After when it gives one, and on connection errors. What the two share (building
 requests, reading answers, the retry rule) lives in `_Common`; they differ only in how they wait.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,17 +30,17 @@ RETRY_ERRORS = (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolEr
 
 @dataclass(frozen=True, eq=False)
 class Reconstruction:
-    mask: np.ndarray          # uint8 [h, w] at the encoder's patch grid, 1 = masked
-    masked_input: bytes       # PNG: the preprocessed image with the masked patches blanked
-    reconstruction: bytes     # PNG: the model's reconstruction
-    loss: float               # mean L1 over masked pixels, normalised pixel space
+    mask: np.ndarray  # uint8 [h, w] at the encoder's patch grid, 1 = masked
+    masked_input: bytes  # PNG: the preprocessed image with the masked patches blanked
+    reconstruction: bytes  # PNG: the model's reconstruction
+    loss: float  # mean L1 over masked pixels, normalised pixel space
 
 
 @dataclass(frozen=True)
 class Health:
-    live: bool                # the process answers HTTP
-    ready: bool               # the model is loaded and warmed up, and not draining
-    detail: str               # "ready", the server's error code, or "unreachable"
+    live: bool  # the process answers HTTP
+    ready: bool  # the model is loaded and warmed up, and not draining
+    detail: str  # "ready", the server's error code, or "unreachable"
 
 
 class _NoProgress:
@@ -62,12 +63,20 @@ def _progress(total: int, enabled: bool):
 
 def _batches(items: list, size: int) -> list[tuple[int, list]]:
     """[(offset, items[offset:offset + size]), ...]."""
-    return [(i, items[i:i + size]) for i in range(0, len(items), size)]
+    return [(i, items[i : i + size]) for i in range(0, len(items), size)]
 
 
 class _Common:
-    def __init__(self, base_url: str | None, api_key: str | None, batch_size: int,
-                 max_concurrency: int, max_retries: int, backoff_s: float, max_backoff_s: float):
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        batch_size: int,
+        max_concurrency: int,
+        max_retries: int,
+        backoff_s: float,
+        max_backoff_s: float,
+    ):
         if batch_size < 1 or max_concurrency < 1:
             raise ValueError("batch_size and max_concurrency must be at least 1")
         self.base_url = base_url or os.environ.get("SIMMIM_URL", DEFAULT_URL)
@@ -85,17 +94,21 @@ class _Common:
                 return None
             if (seconds := retry_after(response)) is not None:
                 return min(seconds, self.max_backoff_s)
-        return min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1)
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1)
 
     def _give_up(self, error: httpx.TransportError, attempts: int) -> ConnectionFailedError:
-        return ConnectionFailedError(f"could not reach {self.base_url} after {attempts} "
-                                     f"attempts: {type(error).__name__}: {error}")
+        return ConnectionFailedError(
+            f"could not reach {self.base_url} after {attempts} "
+            f"attempts: {type(error).__name__}: {error}"
+        )
 
     # --- requests and answers --------------------------------------------------------------
     @staticmethod
     def _embed_request(images: list, normalize: bool) -> dict:
-        return {"files": [("images", to_upload(x, f"image{i}")) for i, x in enumerate(images)],
-                "data": {"normalize": str(normalize).lower(), "encoding": "base64"}}
+        return {
+            "files": [("images", to_upload(x, f"image{i}")) for i, x in enumerate(images)],
+            "data": {"normalize": str(normalize).lower(), "encoding": "base64"},
+        }
 
     @staticmethod
     def _embeddings(response: httpx.Response) -> np.ndarray:
@@ -117,19 +130,22 @@ class _Common:
         return {"files": files}
 
     @staticmethod
-    def _reconstruct_request(image, mask_ratio: float | None, seed: int | None,
-                             picture: bool) -> dict:
-        data = {k: str(v) for k, v in (("mask_ratio", mask_ratio), ("seed", seed))
-                if v is not None}
+    def _reconstruct_request(
+        image, mask_ratio: float | None, seed: int | None, picture: bool
+    ) -> dict:
+        data = {k: str(v) for k, v in (("mask_ratio", mask_ratio), ("seed", seed)) if v is not None}
         headers = {"Accept": "image/png" if picture else "application/json"}
         return {"files": [("image", to_upload(image))], "data": data, "headers": headers}
 
     @staticmethod
     def _reconstruction(response: httpx.Response) -> Reconstruction:
         body = response.json()
-        return Reconstruction(np.asarray(body["mask"], np.uint8),
-                              base64.b64decode(body["masked_input"]),
-                              base64.b64decode(body["reconstruction"]), float(body["loss"]))
+        return Reconstruction(
+            np.asarray(body["mask"], np.uint8),
+            base64.b64decode(body["masked_input"]),
+            base64.b64decode(body["reconstruction"]),
+            float(body["loss"]),
+        )
 
     @staticmethod
     def _at_offset(error: APIError, offset: int) -> APIError:
@@ -148,19 +164,30 @@ class Client(_Common):
     max_backoff_s: the retry schedule (backoff_s * 2**attempt, jittered, capped).
     """
 
-    def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 60.0, batch_size: int = 32, max_concurrency: int = 4,
-                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
-        super().__init__(base_url, api_key, batch_size, max_concurrency, max_retries, backoff_s,
-                         max_backoff_s)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout,
-                                  transport=transport)
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        batch_size: int = 32,
+        max_concurrency: int = 4,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        super().__init__(
+            base_url, api_key, batch_size, max_concurrency, max_retries, backoff_s, max_backoff_s
+        )
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -183,8 +210,14 @@ class Client(_Common):
             time.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def embed(self, images: Iterable, *, normalize: bool = True, batch_size: int | None = None,
-              progress: bool = False) -> np.ndarray:
+    def embed(
+        self,
+        images: Iterable,
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         """Images -> float32 [N, D] embeddings, in order (L2-normalised unless normalize=False)."""
         images = list(images)
         if not images:
@@ -194,8 +227,7 @@ class Client(_Common):
         def send(job: tuple[int, list]) -> np.ndarray:
             offset, batch = job
             try:
-                response = self._request("POST", "/embed",
-                                         **self._embed_request(batch, normalize))
+                response = self._request("POST", "/embed", **self._embed_request(batch, normalize))
             except APIError as e:
                 raise self._at_offset(e, offset) from None
             bar.update(len(batch))
@@ -206,7 +238,7 @@ class Client(_Common):
         try:
             return np.concatenate(list(pool.map(send, jobs)))
         finally:
-            pool.shutdown(cancel_futures=True)          # after an error: send no more batches
+            pool.shutdown(cancel_futures=True)  # after an error: send no more batches
             bar.close()
 
     def similarity(self, a: Sequence, b: Sequence | None = None) -> np.ndarray:
@@ -219,17 +251,23 @@ class Client(_Common):
         ea = self.embed(a)
         return ea @ (ea if b is None else self.embed(b)).T
 
-    def reconstruct(self, image, *, mask_ratio: float | None = None,
-                    seed: int | None = None) -> Reconstruction:
+    def reconstruct(
+        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+    ) -> Reconstruction:
         """SimMIM's masked reconstruction of one image (mask_ratio default: the model's)."""
-        return self._reconstruction(self._request(
-            "POST", "/reconstruct", **self._reconstruct_request(image, mask_ratio, seed, False)))
+        return self._reconstruction(
+            self._request(
+                "POST", "/reconstruct", **self._reconstruct_request(image, mask_ratio, seed, False)
+            )
+        )
 
-    def reconstruct_picture(self, image, *, mask_ratio: float | None = None,
-                            seed: int | None = None) -> bytes:
+    def reconstruct_picture(
+        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+    ) -> bytes:
         """One PNG: original | masked input | reconstruction, side by side."""
-        return self._request("POST", "/reconstruct", **self._reconstruct_request(
-            image, mask_ratio, seed, True)).content
+        return self._request(
+            "POST", "/reconstruct", **self._reconstruct_request(image, mask_ratio, seed, True)
+        ).content
 
     def info(self) -> dict:
         """The model card, the server's settings and runtime."""
@@ -249,19 +287,30 @@ class Client(_Common):
 class AsyncClient(_Common):
     """asyncio client with the same methods as Client (awaitable); see Client for the options."""
 
-    def __init__(self, base_url: str | None = None, *, api_key: str | None = None,
-                 timeout: float = 60.0, batch_size: int = 32, max_concurrency: int = 4,
-                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        super().__init__(base_url, api_key, batch_size, max_concurrency, max_retries, backoff_s,
-                         max_backoff_s)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers,
-                                       timeout=timeout, transport=transport)
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        batch_size: int = 32,
+        max_concurrency: int = 4,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        super().__init__(
+            base_url, api_key, batch_size, max_concurrency, max_retries, backoff_s, max_backoff_s
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -284,8 +333,14 @@ class AsyncClient(_Common):
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def embed(self, images: Iterable, *, normalize: bool = True,
-                    batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+    async def embed(
+        self,
+        images: Iterable,
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
         images = list(images)
         if not images:
             raise ValueError("no images to embed")
@@ -295,19 +350,22 @@ class AsyncClient(_Common):
         async def send(offset: int, batch: list) -> np.ndarray:
             async with slots:
                 try:
-                    response = await self._request("POST", "/embed",
-                                                   **self._embed_request(batch, normalize))
+                    response = await self._request(
+                        "POST", "/embed", **self._embed_request(batch, normalize)
+                    )
                 except APIError as e:
                     raise self._at_offset(e, offset) from None
             bar.update(len(batch))
             return self._embeddings(response)
 
-        tasks = [asyncio.ensure_future(send(offset, batch))
-                 for offset, batch in _batches(images, batch_size or self.batch_size)]
+        tasks = [
+            asyncio.ensure_future(send(offset, batch))
+            for offset, batch in _batches(images, batch_size or self.batch_size)
+        ]
         try:
             return np.concatenate(await asyncio.gather(*tasks))
         except BaseException:
-            for task in tasks:                          # after an error: send no more batches
+            for task in tasks:  # after an error: send no more batches
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
@@ -317,21 +375,28 @@ class AsyncClient(_Common):
     async def similarity(self, a: Sequence, b: Sequence | None = None) -> np.ndarray:
         a, b = self._similarity_lists(a, b)
         if len(a) + len(b or []) <= self.batch_size:
-            response = await self._request("POST", "/similarity",
-                                           **self._similarity_request(a, b))
+            response = await self._request("POST", "/similarity", **self._similarity_request(a, b))
             return np.asarray(response.json()["scores"], np.float32)
         ea = await self.embed(a)
         return ea @ (ea if b is None else await self.embed(b)).T
 
-    async def reconstruct(self, image, *, mask_ratio: float | None = None,
-                          seed: int | None = None) -> Reconstruction:
-        return self._reconstruction(await self._request(
-            "POST", "/reconstruct", **self._reconstruct_request(image, mask_ratio, seed, False)))
+    async def reconstruct(
+        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+    ) -> Reconstruction:
+        return self._reconstruction(
+            await self._request(
+                "POST", "/reconstruct", **self._reconstruct_request(image, mask_ratio, seed, False)
+            )
+        )
 
-    async def reconstruct_picture(self, image, *, mask_ratio: float | None = None,
-                                  seed: int | None = None) -> bytes:
-        return (await self._request("POST", "/reconstruct", **self._reconstruct_request(
-            image, mask_ratio, seed, True))).content
+    async def reconstruct_picture(
+        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+    ) -> bytes:
+        return (
+            await self._request(
+                "POST", "/reconstruct", **self._reconstruct_request(image, mask_ratio, seed, True)
+            )
+        ).content
 
     async def info(self) -> dict:
         return (await self._request("GET", "/info")).json()

@@ -1,4 +1,5 @@
 """Exceptions: one class per server error status, each carrying the server's code and message."""
+
 from __future__ import annotations
 
 import httpx
@@ -16,8 +17,16 @@ class APIError(SimmimError):
     request_id: the server's id for the request (in its log); retry_after: seconds, for 429/503.
     """
 
-    def __init__(self, status: int, code: str, message: str, *, index: int | None = None,
-                 request_id: str | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        index: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
         self.index, self.request_id, self.retry_after = index, request_id, retry_after
@@ -64,9 +73,14 @@ class ConnectionFailedError(SimmimError):
 
 
 ERRORS_BY_STATUS: dict[int, type[APIError]] = {
-    400: BadRequestError, 401: AuthenticationError, 413: PayloadTooLargeError,
-    415: UnsupportedMediaTypeError, 422: InvalidRequestError, 429: QueueFullError,
-    503: ServiceUnavailableError, 504: GatewayTimeoutError,
+    400: BadRequestError,
+    401: AuthenticationError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    422: InvalidRequestError,
+    429: QueueFullError,
+    503: ServiceUnavailableError,
+    504: GatewayTimeoutError,
 }
 
 
@@ -86,6 +100,11 @@ def error_from_response(response: httpx.Response) -> APIError:
     except (ValueError, KeyError, TypeError):
         code, message, index = "http_error", response.text[:500] or response.reason_phrase, None
     cls = ERRORS_BY_STATUS.get(response.status_code, ServerError)
-    return cls(response.status_code, code, message, index=index,
-               request_id=response.headers.get("x-request-id"),
-               retry_after=retry_after(response))
+    return cls(
+        response.status_code,
+        code,
+        message,
+        index=index,
+        request_id=response.headers.get("x-request-id"),
+        retry_after=retry_after(response),
+    )

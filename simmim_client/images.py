@@ -4,6 +4,7 @@ Accepted: a path (str or os.PathLike), encoded bytes (any format the server read
 (sent as PNG, lossless), or a numpy array [H, W], [H, W, 1|2|3|4] (gray, gray+alpha, RGB, RGBA)
 of uint8, uint16, bool, or floats in [0, 1] (sent as PNG, encoded here: Pillow not needed).
 """
+
 from __future__ import annotations
 
 import io
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 Upload = tuple[str, bytes, str]
-PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}       # channels -> PNG color type
+PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG color type
 
 
 def to_upload(image, name: str = "image") -> Upload:
@@ -30,14 +31,16 @@ def to_upload(image, name: str = "image") -> Upload:
         return f"{name}.png", encode_png(image), "image/png"
     if type(image).__module__.startswith("PIL."):
         return f"{name}.png", _pil_png(image), "image/png"
-    raise TypeError(f"cannot send {type(image).__name__} as an image; pass a path, bytes, a PIL "
-                    "image or a numpy array")
+    raise TypeError(
+        f"cannot send {type(image).__name__} as an image; pass a path, bytes, a PIL "
+        "image or a numpy array"
+    )
 
 
 def _pil_png(image) -> bytes:
     buf = io.BytesIO()
     if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-        image = image.convert("RGB")                  # CMYK, YCbCr, float...: PNG cannot hold
+        image = image.convert("RGB")  # CMYK, YCbCr, float...: PNG cannot hold
     image.save(buf, "PNG")
     return buf.getvalue()
 
@@ -52,8 +55,10 @@ def encode_png(array: np.ndarray) -> bytes:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in PNG_COLOR_TYPES or 0 in a.shape:
-        raise ValueError(f"array of shape {array.shape} is not an image: expected [H, W] or "
-                         "[H, W, C] with C in 1..4")
+        raise ValueError(
+            f"array of shape {array.shape} is not an image: expected [H, W] or "
+            "[H, W, C] with C in 1..4"
+        )
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
     elif np.issubdtype(a.dtype, np.floating):
@@ -61,12 +66,17 @@ def encode_png(array: np.ndarray) -> bytes:
             raise ValueError("float arrays must hold values in [0, 1]")
         a = (a * 255 + 0.5).astype(np.uint8)
     elif a.dtype not in (np.uint8, np.uint16):
-        raise TypeError(f"unsupported array dtype {a.dtype}; use uint8, uint16, bool or floats "
-                        "in [0, 1]")
+        raise TypeError(
+            f"unsupported array dtype {a.dtype}; use uint8, uint16, bool or floats in [0, 1]"
+        )
     height, width, channels = a.shape
     depth = 16 if a.dtype == np.uint16 else 8
     rows = a.astype(">u2" if depth == 16 else np.uint8).reshape(height, -1).view(np.uint8)
-    scanlines = np.hstack([np.zeros((height, 1), np.uint8), rows])   # filter 0 per row
+    scanlines = np.hstack([np.zeros((height, 1), np.uint8), rows])  # filter 0 per row
     header = struct.pack(">IIBBBBB", width, height, depth, PNG_COLOR_TYPES[channels], 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-            + _chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
+        + _chunk(b"IEND", b"")
+    )

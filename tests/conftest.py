@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny model trained and exported by the project's own commands."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,9 @@ import pytest
 
 def run_simmim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the `simmim` CLI in a subprocess; fail the test with its output on error."""
-    proc = subprocess.run([sys.executable, "-m", "simmim_cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "simmim_cli", *args], capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         pytest.fail(f"simmim {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
@@ -20,8 +22,20 @@ def run_simmim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def tiny_run_dir(tmp_path_factory):
     """A vit-tiny-fmnist run of 2 steps on 64 synthetic images (checkpoint.pt inside)."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    run_simmim("pretrain", "--data", "synthetic:64", "--out", str(run), "--steps", "2",
-               "--batch-size", "16", "--workers", "0", "--no-progress")
+    run_simmim(
+        "pretrain",
+        "--data",
+        "synthetic:64",
+        "--out",
+        str(run),
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--no-progress",
+    )
     return run
 
 

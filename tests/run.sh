@@ -3,7 +3,7 @@
 #   bash tests/run.sh [pytest args...]
 # 1. a virtual environment .venv with torch (the CPU-capable wheel from the local cache) and every
 #    extra; 2. podman + podman-compose for the container test (when the workplace's setup script
-#    is there, run as root); 3. pytest.
+#    is there, run as root); 3. ruff (lint and format check); 4. pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,4 +18,5 @@ SETUP=../shared/tools/container-setup.sh
 if [ -f "$SETUP" ] && [ "$(id -u)" = 0 ]; then
   bash "$SETUP"
 fi
+ruff check . && ruff format --check . >/dev/null || { echo 'ruff: run ruff check --fix . && ruff format .' >&2; exit 1; }
 exec python -m pytest -q -ra "$@"

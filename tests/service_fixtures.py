@@ -1,6 +1,7 @@
 """Helpers for the service and client tests: a real `simmim serve` (uvicorn) in a subprocess on a
 free loopback port, polling with deadlines instead of sleeps, Prometheus parsing, test images
 made by Pillow, and onnxruntime references computed directly from the model directory."""
+
 from __future__ import annotations
 
 import io
@@ -20,8 +21,8 @@ import onnxruntime as ort
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.model_dir import ENCODER, RECONSTRUCT, load_model_dir
-from service.preprocess import preprocess
+from simmim_core.model_dir import ENCODER, RECONSTRUCT, load_model_dir
+from simmim_core.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(__file__).with_name("service_launcher.py")
@@ -54,10 +55,17 @@ class ServerProcess:
     processes (2: the default on a CPU with 2 cores or more, one model call each).
     """
 
-    def __init__(self, model_dir: Path, workdir: Path, env: dict[str, str] | None = None,
-                 gated: bool = False, api_key: str | None = API_KEY,
-                 program: list[str] | None = None, args: tuple[str, ...] = (),
-                 processes: int = 1):
+    def __init__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        gated: bool = False,
+        api_key: str | None = API_KEY,
+        program: list[str] | None = None,
+        args: tuple[str, ...] = (),
+        processes: int = 1,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -72,16 +80,28 @@ class ServerProcess:
         # (test_service_calibrate does that)
         assert not (gated and processes > 1), "the gate holds one process only"
         workers = "1" if gated else "2"
-        cmd += ["--model-dir", str(model_dir), "--port", str(self.port), "--threads", "1",
-                "--processes", str(processes), "--workers", workers, "--no-tune-batch-size",
-                *args]
+        cmd += [
+            "--model-dir",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            "--threads",
+            "1",
+            "--processes",
+            str(processes),
+            "--workers",
+            workers,
+            "--no-tune-batch-size",
+            *args,
+        ]
         full_env = {**os.environ, "SIMMIM_LOG_LEVEL": "info", **(env or {})}
         full_env.pop("SIMMIM_API_KEY", None)
         if api_key:
             full_env["SIMMIM_API_KEY"] = api_key
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=60)
         try:
@@ -113,22 +133,25 @@ class ServerProcess:
         text = self.http.get("/metrics").text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
                     return sample.value
         return 0.0
 
     def batches_of_size(self, task: str, low: int, high: int) -> float:
         """How many batches of `task` had low < size <= high (histogram buckets)."""
         bucket = "simmim_batch_size_bucket"
-        return (self.metric(bucket, task=task, le=f"{float(high)}")
-                - self.metric(bucket, task=task, le=f"{float(low)}"))
+        return self.metric(bucket, task=task, le=f"{float(high)}") - self.metric(
+            bucket, task=task, le=f"{float(low)}"
+        )
 
     # --- control ----------------------------------------------------------------------------
     def _gate(self, sig: int, state: str) -> None:
         self.proc.send_signal(sig)
-        wait_until(lambda: self.gate_file.exists() and self.gate_file.read_text() == state,
-                   f"gate {state}")
+        wait_until(
+            lambda: self.gate_file.exists() and self.gate_file.read_text() == state, f"gate {state}"
+        )
 
     def open_gate(self) -> None:
         self._gate(signal.SIGUSR1, "open")
@@ -140,7 +163,7 @@ class ServerProcess:
         """SIGTERM, then wait for the exit; returns the exit status."""
         if self.proc.poll() is None:
             if self.gate_file is not None:
-                self.proc.send_signal(signal.SIGUSR1)    # nothing may stay held
+                self.proc.send_signal(signal.SIGUSR1)  # nothing may stay held
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -151,7 +174,7 @@ class ServerProcess:
         self._log.close()
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -167,7 +190,7 @@ def make_image(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -
     base = (x * rng.uniform(1, 5) + y * rng.uniform(1, 5)) % 256
     rgb = np.stack([base, base[::-1], np.full_like(base, rng.integers(0, 256))], axis=-1)
     x0, y0 = rng.integers(0, w // 2 + 1), rng.integers(0, h // 2 + 1)
-    rgb[y0:y0 + h // 3, x0:x0 + w // 3] = 255
+    rgb[y0 : y0 + h // 3, x0 : x0 + w // 3] = 255
     rgb += rng.normal(0, 8, rgb.shape)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB").convert(mode)
 
@@ -202,8 +225,10 @@ class Reference:
 
     def reconstruct(self, image: bytes, mask: np.ndarray) -> np.ndarray:
         """[C, H, W] reconstruction for one image and its [h, w] mask."""
-        return self._recon.run(["reconstruction"], {"pixels": self.pixels([image]),
-                                                    "mask": mask[None].astype(np.float32)})[0][0]
+        return self._recon.run(
+            ["reconstruction"],
+            {"pixels": self.pixels([image]), "mask": mask[None].astype(np.float32)},
+        )[0][0]
 
 
 def unit(x: np.ndarray) -> np.ndarray:

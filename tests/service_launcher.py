@@ -8,6 +8,7 @@ starts closed, so the warm-up waits and the server stays unready. SIGUSR1 opens 
 closes it, and each change is acknowledged by writing "open" or "closed" to STATE_FILE, so a test
 can wait for the acknowledgement instead of sleeping.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -42,6 +43,7 @@ def install_gate(state_file: Path) -> None:
         def wait_then_call(self, *args):
             gate.wait()
             return method(self, *args)
+
         return wait_then_call
 
     OnnxBackend.embed = gated(OnnxBackend.embed)
@@ -57,6 +59,7 @@ def main(argv: list[str]) -> int:
         install_gate(Path(argv[1]))
         argv = argv[2:]
     from service.cli import main as serve
+
     return serve(argv)
 
 

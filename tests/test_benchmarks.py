@@ -1,6 +1,7 @@
 """Smoke test of the benchmark command (benchmarks/run.py --quick): it runs end to end on the tiny
 model and writes the JSON, markdown and PNG with the expected keys. No timing is asserted. And
 the load generator's one failure path: a server that closes connections without answering."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,34 +12,62 @@ import sys
 import threading
 
 import pytest
+from service_fixtures import ROOT
 
 from benchmarks.loadgen import run
-from service_fixtures import ROOT
 
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, tiny_run_dir):
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out),
-           "--work", str(tmp_path / "work"), "--default-model", str(tiny_model_dir),
-           "--default-checkpoint", str(tiny_run_dir / "checkpoint.pt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--quick",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        "--default-model",
+        str(tiny_model_dir),
+        "--default-checkpoint",
+        str(tiny_run_dir / "checkpoint.pt"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     r = json.loads((out / "results.json").read_text())
-    for key in ("machine", "models", "workloads", "images", "engine", "rounds", "service",
-                "naive", "breakdown", "targets", "load", "duration_s"):
+    for key in (
+        "machine",
+        "models",
+        "workloads",
+        "images",
+        "engine",
+        "rounds",
+        "service",
+        "naive",
+        "breakdown",
+        "targets",
+        "load",
+        "duration_s",
+    ):
         assert key in r, key
     assert r["quick"] is True and r["machine"]["logical_cpus"] >= 1
     assert {"onnxruntime", "numpy"} <= set(r["machine"]["versions"])
     assert set(r["engine"]["default"]) == {"ort_fp32", "ort_fp32_1call", "ort_int8", "torch_eager"}
     assert set(r["engine"]["default"]["ort_fp32"]) == {"1", "16"}
     assert {(row["workload"], row["batching"]) for row in r["service"]} >= {
-        ("small", "on"), ("small", "off"), ("photo", "on"), ("photo", "off")}
+        ("small", "on"),
+        ("small", "off"),
+        ("photo", "on"),
+        ("photo", "off"),
+    }
     for w in ("small", "photo"):
-        [row] = r["rounds"][w]["rounds"]                          # one round when quick
-        assert {"engine_fp32_b1", "engine_fp32_b16", "on", "on_1process", "off",
-                "naive"} <= set(row)
+        [row] = r["rounds"][w]["rounds"]  # one round when quick
+        assert {"engine_fp32_b1", "engine_fp32_b16", "on", "on_1process", "off", "naive"} <= set(
+            row
+        )
     assert {"int8", "engine_int8_b16"} <= set(r["rounds"]["photo"]["rounds"][0])
     for row in r["service"] + r["naive"]:
         assert row["statuses"] == {"200": row["requests"]}, row["statuses"]
@@ -47,10 +76,16 @@ def test_quick_benchmark_writes_json_markdown_and_png(tmp_path, tiny_model_dir, 
         assert set(row["server_ms"]) == {"decode", "queue", "inference", "serialize"}
     assert {row["workload"] for row in r["naive"]} == {"small", "photo"}
     for stages in r["breakdown"].values():
-        assert {"parse_json_ms", "base64_ms", "decode_ms", "preprocess_ms", "inference_b1_ms",
-                "serialize_ms"} <= set(stages["stages_ms"])
+        assert {
+            "parse_json_ms",
+            "base64_ms",
+            "decode_ms",
+            "preprocess_ms",
+            "inference_b1_ms",
+            "serialize_ms",
+        } <= set(stages["stages_ms"])
     assert len(r["targets"]) == 7
-    assert all(t["status"] == "n/a" for t in r["targets"])       # quick: not a measurement
+    assert all(t["status"] == "n/a" for t in r["targets"])  # quick: not a measurement
 
     md = (out / "results.md").read_text()
     for heading in ("## Targets", "## Engine", "## End to end", "## Where the time goes"):
@@ -65,7 +100,7 @@ def test_the_load_generator_reports_a_server_that_closes_without_answering():
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:                               # the listener is closed: done
+            except OSError:  # the listener is closed: done
                 return
             conn.recv(65536)
             conn.close()
@@ -73,8 +108,18 @@ def test_the_load_generator_reports_a_server_that_closes_without_answering():
     threading.Thread(target=close_every_connection, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/embed"
     try:
-        result = asyncio.run(run(url, [b"{}"], [1], concurrency=2, max_requests=10,
-                                 seconds=0.5, warmup_s=0.1, timeout=2.0))
+        result = asyncio.run(
+            run(
+                url,
+                [b"{}"],
+                [1],
+                concurrency=2,
+                max_requests=10,
+                seconds=0.5,
+                warmup_s=0.1,
+                timeout=2.0,
+            )
+        )
     finally:
         listener.close()
     assert result["requests_sent"] == 0 and result["unfinished_connections"] == 0

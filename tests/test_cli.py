@@ -1,4 +1,5 @@
 """The `simmim` command: help for every option, and each encoder family trains through it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,14 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import TINY_ENCODERS, pretrain, read_metrics
 
 import simmim_cli
-from simmim_core.model import ModelConfig
+from simmim_core.nn.model import ModelConfig
 from training import evaluate as evaluate_module
 from training import pretrain as pretrain_module
 from training.checkpoint import load_checkpoint
 from training.presets import TrainConfig
-from tiny import TINY_ENCODERS, pretrain, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,13 @@ def help_text(capsys, *argv: str) -> str:
 
 
 def test_simmim_help_exits_0_and_lists_every_command():
-    proc = subprocess.run([sys.executable, "-m", "simmim_cli", "--help"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "simmim_cli", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0
     for command in ("pretrain", "evaluate", "export", "serve"):
         assert command in proc.stdout
@@ -52,17 +58,23 @@ def test_an_unknown_command_exits_2_with_the_usage(capsys):
 def test_pretrain_help_exits_0_and_mentions_every_setting(capsys):
     text = help_text(capsys, "pretrain")
     fields = dataclasses.fields(ModelConfig) + dataclasses.fields(TrainConfig)
-    for name in [f.name for f in fields] + ["preset", "data", "out", "resume", "save_every",
-                                            "no_progress"]:
+    for name in [f.name for f in fields] + [
+        "preset",
+        "data",
+        "out",
+        "resume",
+        "save_every",
+        "no_progress",
+    ]:
         assert flag(name) in text, f"{flag(name)} missing from simmim pretrain --help"
     for preset in ("vit-tiny-fmnist", "vit-base-224", "swin-base-192"):
         assert preset in text
 
 
-@pytest.mark.parametrize("command, module", [("pretrain", pretrain_module),
-                                             ("evaluate", evaluate_module)])
-def test_every_option_of_a_subcommand_is_in_its_help_with_an_explanation(capsys, command,
-                                                                          module):
+@pytest.mark.parametrize(
+    "command, module", [("pretrain", pretrain_module), ("evaluate", evaluate_module)]
+)
+def test_every_option_of_a_subcommand_is_in_its_help_with_an_explanation(capsys, command, module):
     text = help_text(capsys, command)
     for action in module.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help text"
@@ -72,15 +84,28 @@ def test_every_option_of_a_subcommand_is_in_its_help_with_an_explanation(capsys,
 
 def test_evaluate_help_exits_0_and_mentions_every_option(capsys):
     text = help_text(capsys, "evaluate")
-    for option in ("--checkpoint", "--model-dir", "--pixels", "--data", "--test-data", "--int8",
-                   "--image-size", "--k", "--temperature", "--probe-epochs", "--batch-size",
-                   "--out", "--no-progress"):
+    for option in (
+        "--checkpoint",
+        "--model-dir",
+        "--pixels",
+        "--data",
+        "--test-data",
+        "--int8",
+        "--image-size",
+        "--k",
+        "--temperature",
+        "--probe-epochs",
+        "--batch-size",
+        "--out",
+        "--no-progress",
+    ):
         assert option in text
 
 
 def test_epochs_and_warmup_accept_fractions(tmp_path):
     args = pretrain_module.build_parser().parse_args(
-        ["--out", str(tmp_path), "--epochs", "0.5", "--warmup-epochs", "0.25", "--steps", "3"])
+        ["--out", str(tmp_path), "--epochs", "0.5", "--warmup-epochs", "0.25", "--steps", "3"]
+    )
     assert (args.epochs, args.warmup_epochs, args.steps) == (0.5, 0.25, 3)
 
 

@@ -8,6 +8,7 @@ The built image (tag simmim-service:ci) and its layers stay cached between runs.
 Figures (image size, build time, time from `up` to ready) are printed and written to
 /tmp/simmim-container-test.json.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,23 +35,29 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 MODEL_DIR = REPO / "service" / "default_model"
 IMAGE = "simmim-service:ci"
 BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
-MAX_IMAGE_BYTES = 400 * 1000 * 1000          # 400 MB, as `podman images` / `docker images` count
+MAX_IMAGE_BYTES = 400 * 1000 * 1000  # 400 MB, as `podman images` / `docker images` count
 READY_DEADLINE_S = 180.0
 RESULTS = Path("/tmp/simmim-container-test.json")
 LOG_DIR = Path("/tmp/simmim-container-test-logs")
 
-needs_podman = pytest.mark.skipif(shutil.which("podman") is None,
-                                  reason="podman is not installed (CI installs it with "
-                                         "../shared/tools/container-setup.sh)")
+needs_podman = pytest.mark.skipif(
+    shutil.which("podman") is None,
+    reason="podman is not installed (CI installs it with ../shared/tools/container-setup.sh)",
+)
 
 
-def run(cmd: list[str], timeout: float, env: dict | None = None, check: bool = True,
-        ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(
+    cmd: list[str],
+    timeout: float,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -75,8 +82,9 @@ def record(**figures) -> None:
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data else {})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return resp.status, json.loads(resp.read() or b"null")
 
@@ -85,11 +93,14 @@ def png_bytes(seed: int, size: tuple[int, int]) -> bytes:
     """A real, non-square RGB picture (gradient + shapes), so that resize, crop and the
     color conversion of the preprocessing all take part."""
     from PIL import Image, ImageDraw
+
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
-    arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1),
-                    np.full_like(xx, 40 + 60 * seed)], axis=-1).astype(np.uint8)
+    arr = np.stack(
+        [xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), np.full_like(xx, 40 + 60 * seed)],
+        axis=-1,
+    ).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     draw = ImageDraw.Draw(img)
     for _ in range(6):
@@ -105,12 +116,14 @@ def local_embeddings(images: list[bytes], encoder_file: str) -> np.ndarray:
     """The same model directory, run here: the shared preprocessing + onnxruntime."""
     import onnxruntime as ort
 
-    from service.model_dir import load_model_dir
-    from service.preprocess import preprocess
+    from simmim_core.model_dir import load_model_dir
+    from simmim_core.preprocess import preprocess
+
     model = load_model_dir(MODEL_DIR)
     pixels = preprocess(images, model.preprocessing)
-    session = ort.InferenceSession(str(MODEL_DIR / encoder_file),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(MODEL_DIR / encoder_file), providers=["CPUExecutionProvider"]
+    )
     return session.run(["embedding"], {"pixels": pixels})[0]
 
 
@@ -118,19 +131,39 @@ def local_embeddings(images: list[bytes], encoder_file: str) -> np.ndarray:
 def cpu_image() -> str:
     """Build docker/Dockerfile (layer cache kept); check and record its size."""
     if not (MODEL_DIR / "model.json").is_file():
-        pytest.fail(f"{MODEL_DIR} has no model.json: the image embeds the default model, so it "
-                    "must exist before the build (see README.md, Containers)")
+        pytest.fail(
+            f"{MODEL_DIR} has no model.json: the image embeds the default model, so it "
+            "must exist before the build (see README.md, Containers)"
+        )
     if run(["podman", "image", "exists", BASE_IMAGE], 60, check=False).returncode != 0:
         pytest.fail(f"base image {BASE_IMAGE} is missing: run ../shared/tools/container-setup.sh")
     t0 = time.monotonic()
     # --format docker: the OCI format has no HEALTHCHECK field, podman would drop it
-    run(["podman", "build", "--pull=never", "--format", "docker", "-f", str(DOCKERFILE),
-         "-t", IMAGE, str(REPO)], timeout=1500)
+    run(
+        [
+            "podman",
+            "build",
+            "--pull=never",
+            "--format",
+            "docker",
+            "-f",
+            str(DOCKERFILE),
+            "-t",
+            IMAGE,
+            str(REPO),
+        ],
+        timeout=1500,
+    )
     build_s = time.monotonic() - t0
-    size = int(run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE], 60
-                   ).stdout.strip())
-    record(image=IMAGE, build_s=round(build_s, 1), image_size_bytes=size,
-           image_size_mb=round(size / 1e6, 1))
+    size = int(
+        run(["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE], 60).stdout.strip()
+    )
+    record(
+        image=IMAGE,
+        build_s=round(build_s, 1),
+        image_size_bytes=size,
+        image_size_mb=round(size / 1e6, 1),
+    )
     return IMAGE
 
 
@@ -149,8 +182,14 @@ def compose_project(cpu_image):
     try:
         t0 = time.monotonic()
         run(compose + ["up", "-d"], timeout=300, env=env)
-        yield {"project": project, "port": port, "t0": t0, "compose": compose, "env": env,
-               "log_file": log_file}
+        yield {
+            "project": project,
+            "port": port,
+            "t0": t0,
+            "compose": compose,
+            "env": env,
+            "log_file": log_file,
+        }
     finally:
         logs = run(["podman", "logs", f"{project}_simmim_1"], 60, check=False)
         log_file.write_text(logs.stdout + logs.stderr)
@@ -163,11 +202,13 @@ def compose_project(cpu_image):
         run(["podman", "pod", "rm", "-f", f"pod_{project}"], 60, check=False)
         run(["podman", "volume", "rm", "-f", f"{project}_simmim-models"], 60, check=False)
         run(["podman", "network", "rm", "-f", f"{project}_default"], 60, check=False)
-        assert not run(["podman", "ps", "-a", "-q", "--filter", label], 60,
-                       check=False).stdout.split(), f"containers of {project} left behind"
+        assert not run(
+            ["podman", "ps", "-a", "-q", "--filter", label], 60, check=False
+        ).stdout.split(), f"containers of {project} left behind"
         if down.returncode != 0:
-            print(f"[container] podman-compose down exited {down.returncode}: "
-                  f"{down.stderr[-1000:]}")
+            print(
+                f"[container] podman-compose down exited {down.returncode}: {down.stderr[-1000:]}"
+            )
 
 
 def wait_ready(base: str, deadline_s: float, log_hint: str) -> None:
@@ -194,16 +235,16 @@ def wait_ready(base: str, deadline_s: float, log_hint: str) -> None:
 def test_compose_up_serves_the_embedded_model(compose_project, cpu_image):
     p = compose_project
     base = f"http://127.0.0.1:{p['port']}"
-    wait_ready(base, READY_DEADLINE_S,
-               f"container logs: {p['log_file']} (written at teardown)")
+    wait_ready(base, READY_DEADLINE_S, f"container logs: {p['log_file']} (written at teardown)")
     up_to_ready_s = time.monotonic() - p["t0"]
     size = json.loads(RESULTS.read_text())["image_size_bytes"]
     record(up_to_ready_s=round(up_to_ready_s, 2), project=p["project"])
     assert size <= MAX_IMAGE_BYTES, f"image is {size / 1e6:.1f} MB, over 400 MB"
 
     container = f"{p['project']}_simmim_1"
-    running = run(["podman", "ps", "-q", "--filter",
-                   f"label=io.podman.compose.project={p['project']}"], 60).stdout.split()
+    running = run(
+        ["podman", "ps", "-q", "--filter", f"label=io.podman.compose.project={p['project']}"], 60
+    ).stdout.split()
     assert len(running) == 1, f"a plain `up` must start only the simmim service: {running}"
 
     # the service runs the very model directory of this checkout, with the compose defaults
@@ -224,8 +265,9 @@ def test_compose_up_serves_the_embedded_model(compose_project, cpu_image):
     assert served.shape == expected.shape == (2, local_card["embedding_dim"])
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
     _, unit = http("POST", f"{base}/embed", {"images": payload[:1]})
-    np.testing.assert_allclose(unit["embeddings"][0],
-                               expected[0] / np.linalg.norm(expected[0]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        unit["embeddings"][0], expected[0] / np.linalg.norm(expected[0]), atol=1e-5, rtol=0
+    )
 
     # the image's own HEALTHCHECK command, non-root, no torch
     hc = run(["podman", "healthcheck", "run", container], 60, check=False)
@@ -233,7 +275,6 @@ def test_compose_up_serves_the_embedded_model(compose_project, cpu_image):
     assert run(["podman", "exec", container, "id", "-u"], 60).stdout.strip() != "0"
     no_torch = run(["podman", "exec", container, "python", "-c", "import torch"], 60, check=False)
     assert no_torch.returncode != 0, "torch is installed in the serving image"
-
 
 
 def _compose_defaults() -> dict[str, str]:
@@ -252,13 +293,14 @@ def test_compose_settings_match_the_service():
     anywhere else)."""
     pytest.importorskip("pydantic_settings")
     from service.settings import ENV_PREFIX, Settings
+
     fields = Settings.model_fields
-    overrides = {"model_dir": "/models/default", "provider": "cpu"}   # the image's choices
+    overrides = {"model_dir": "/models/default", "provider": "cpu"}  # the image's choices
     for env_name, default in _compose_defaults().items():
         assert env_name.startswith(ENV_PREFIX), env_name
-        name = env_name[len(ENV_PREFIX):].lower()
+        name = env_name[len(ENV_PREFIX) :].lower()
         assert name in fields, f"compose.yaml sets {env_name}, which is no setting of the service"
-        if default is None:                                    # passed through, e.g. the API key
+        if default is None:  # passed through, e.g. the API key
             continue
         value = Settings(**{name: default}).model_dump()[name] if name != "model_dir" else None
         want = overrides.get(name, fields[name].get_default(call_default_factory=True))
@@ -266,6 +308,7 @@ def test_compose_settings_match_the_service():
             assert default == want
         else:
             assert value == want, f"{env_name}: compose default {default!r}, service {want!r}"
-    missing = set(fields) - {k[len(ENV_PREFIX):].lower() for k in _compose_defaults()} \
-        - {"host", "port"}
+    missing = (
+        set(fields) - {k[len(ENV_PREFIX) :].lower() for k in _compose_defaults()} - {"host", "port"}
+    )
     assert not missing, f"settings compose.yaml does not expose: {sorted(missing)}"

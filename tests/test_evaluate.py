@@ -1,4 +1,5 @@
 """`simmim evaluate`: weighted kNN and a linear probe on frozen embeddings, and the JSON report."""
+
 from __future__ import annotations
 
 import json
@@ -43,11 +44,14 @@ def test_knn_with_k_above_the_bank_size_uses_the_whole_bank():
 
 def test_knn_scores_queries_in_chunks_like_all_at_once():
     rng = np.random.default_rng(0)
-    bank, queries = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(37, 8)).astype(
-        np.float32)
+    bank, queries = (
+        rng.normal(size=(50, 8)).astype(np.float32),
+        rng.normal(size=(37, 8)).astype(np.float32),
+    )
     labels, truth = rng.integers(0, 4, 50), rng.integers(0, 4, 37)
     assert knn_top1(bank, labels, queries, truth, k=5, chunk=4) == knn_top1(
-        bank, labels, queries, truth, k=5, chunk=1000)
+        bank, labels, queries, truth, k=5, chunk=1000
+    )
 
 
 def blobs(n: int, seed: int):
@@ -70,35 +74,64 @@ def test_linear_probe_is_at_chance_on_random_labels():
     train, _ = blobs(600, 0)
     test, _ = blobs(300, 1)
     rng = np.random.default_rng(2)
-    acc = linear_probe_top1(train, rng.integers(0, 3, 600), test, rng.integers(0, 3, 300),
-                            epochs=5)
+    acc = linear_probe_top1(train, rng.integers(0, 3, 600), test, rng.integers(0, 3, 300), epochs=5)
     assert acc < 0.5
 
 
 def test_synthetic_data_spec_keeps_its_size_for_both_splits():
     bank, queries = split_labeled("synthetic:48", None)
     assert len(bank) == len(queries) == 48
-    assert not np.array_equal(bank.images, queries.images)      # different seeds per split
+    assert not np.array_equal(bank.images, queries.images)  # different seeds per split
 
 
 def test_simmim_evaluate_checkpoint_writes_a_json_report(tiny_run_dir, tmp_path, capsys):
     report_path = tmp_path / "eval.json"
-    assert simmim_cli.main(["evaluate", "--checkpoint", str(tiny_run_dir), "--data",
-                            "synthetic:60", "--k", "5", "--probe-epochs", "3", "--no-progress",
-                            "--out", str(report_path)]) == 0
+    assert (
+        simmim_cli.main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(tiny_run_dir),
+                "--data",
+                "synthetic:60",
+                "--k",
+                "5",
+                "--probe-epochs",
+                "3",
+                "--no-progress",
+                "--out",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
     report = json.loads(report_path.read_text())
-    assert json.loads(capsys.readouterr().out) == report               # also printed
+    assert json.loads(capsys.readouterr().out) == report  # also printed
     assert report["checkpoint"] == str(tiny_run_dir)
     assert report["train_images"] == report["test_images"] == 60
     assert report["k"] == 5 and report["probe_epochs"] == 3
-    assert report["embedding_dim"] == 128 * 4 * 4               # vit-tiny-fmnist: D=128, grid4
+    assert report["embedding_dim"] == 128 * 4 * 4  # vit-tiny-fmnist: D=128, grid4
     for key in ("knn_top1", "linear_probe_top1"):
         assert 0.0 <= report[key] <= 1.0
 
 
 def test_simmim_evaluate_pixels_baseline_without_a_probe(tmp_path, capsys):
-    assert simmim_cli.main(["evaluate", "--pixels", "--image-size", "16", "--data",
-                            "synthetic:30", "--probe-epochs", "0", "--no-progress"]) == 0
+    assert (
+        simmim_cli.main(
+            [
+                "evaluate",
+                "--pixels",
+                "--image-size",
+                "16",
+                "--data",
+                "synthetic:30",
+                "--probe-epochs",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["pixels"] is True and report["embedding_dim"] == 16 * 16
     assert "linear_probe_top1" not in report
@@ -106,6 +139,7 @@ def test_simmim_evaluate_pixels_baseline_without_a_probe(tmp_path, capsys):
 
 def test_simmim_evaluate_a_folder_needs_test_data(tmp_path):
     from PIL import Image
+
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         Image.new("L", (8, 8), 40 if cls == "a" else 200).save(tmp_path / cls / "0.png")

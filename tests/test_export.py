@@ -1,4 +1,5 @@
 """`simmim export`: ONNX model directories that match PyTorch, for ViT, Swin and CNN encoders."""
+
 from __future__ import annotations
 
 import json
@@ -10,27 +11,45 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_simmim
 
-from service.model_dir import (ENCODER, ENCODER_INT8, RECONSTRUCT, ModelDirError,
-                               default_model_path, load_model_dir, sha256_file)
-from service.preprocess import Preprocessing
-from simmim_core.model import ModelConfig, SimMIM
+from service.settings import default_model_path
+from simmim_core.model_dir import (
+    ENCODER,
+    ENCODER_INT8,
+    RECONSTRUCT,
+    ModelDirError,
+    load_model_dir,
+    sha256_file,
+)
+from simmim_core.nn.model import ModelConfig, SimMIM
+from simmim_core.preprocess import Preprocessing
 from training.checkpoint import checkpoint_dict, save_atomic
 from training.export import ExportError, export_model_dir
 from training.presets import TrainConfig
 
-from conftest import run_simmim
-
 TINY = {
-    "vit": ModelConfig(family="vit", arch="vit_tiny_patch16_224", image_size=32, in_chans=3,
-                       encoder_kwargs=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
-                       mask_patch_size=8),
-    "swin": ModelConfig(family="swin", arch="swin_tiny_patch4_window7_224", image_size=64,
-                        in_chans=3, mask_patch_size=32,
-                        encoder_kwargs=dict(window_size=4, embed_dim=16, depths=(1, 1, 1, 1),
-                                            num_heads=(1, 1, 1, 1))),
-    "cnn": ModelConfig(family="cnn", arch="resnet18", image_size=64, in_chans=3,
-                       mask_patch_size=16),
+    "vit": ModelConfig(
+        family="vit",
+        arch="vit_tiny_patch16_224",
+        image_size=32,
+        in_chans=3,
+        encoder_kwargs=dict(patch_size=4, embed_dim=32, depth=1, num_heads=2),
+        mask_patch_size=8,
+    ),
+    "swin": ModelConfig(
+        family="swin",
+        arch="swin_tiny_patch4_window7_224",
+        image_size=64,
+        in_chans=3,
+        mask_patch_size=32,
+        encoder_kwargs=dict(
+            window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+        ),
+    ),
+    "cnn": ModelConfig(
+        family="cnn", arch="resnet18", image_size=64, in_chans=3, mask_patch_size=16
+    ),
 }
 
 
@@ -104,16 +123,22 @@ def test_model_card_lists_the_sha256_of_every_file(exported):
 
 def test_onnx_files_are_self_contained(exported):
     _, folder = exported
-    assert sorted(p.name for p in folder.iterdir()) == ["encoder.onnx", "model.json",
-                                                         "reconstruct.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "encoder.onnx",
+        "model.json",
+        "reconstruct.onnx",
+    ]
 
 
 def test_int8_encoder_loads_and_stays_close_to_fp32(tiny_model_dir):
     card = json.loads((tiny_model_dir / "model.json").read_text())
     assert ENCODER_INT8 in card["files"]
     spec = Preprocessing.from_dict(card["preprocessing"])
-    pixels = np.random.default_rng(0).standard_normal(
-        (8, spec.channels, spec.crop_size, spec.crop_size)).astype(np.float32)
+    pixels = (
+        np.random.default_rng(0)
+        .standard_normal((8, spec.channels, spec.crop_size, spec.crop_size))
+        .astype(np.float32)
+    )
     fp32 = ort.InferenceSession(str(tiny_model_dir / ENCODER)).run(None, {"pixels": pixels})[0]
     int8 = ort.InferenceSession(str(tiny_model_dir / ENCODER_INT8)).run(None, {"pixels": pixels})[0]
     cos = (fp32 * int8).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8, axis=1)
@@ -124,14 +149,16 @@ def test_int8_encoder_loads_and_stays_close_to_fp32(tiny_model_dir):
 
 def test_evaluate_agrees_on_the_checkpoint_and_its_export(tiny_run_dir, tiny_model_dir, tmp_path):
     args = ["--data", "synthetic", "--probe-epochs", "0", "--no-progress"]
-    run_simmim("evaluate", "--checkpoint", str(tiny_run_dir), *args, "--out",
-               str(tmp_path / "ckpt.json"))
-    run_simmim("evaluate", "--model-dir", str(tiny_model_dir), *args, "--out",
-               str(tmp_path / "onnx.json"))
+    run_simmim(
+        "evaluate", "--checkpoint", str(tiny_run_dir), *args, "--out", str(tmp_path / "ckpt.json")
+    )
+    run_simmim(
+        "evaluate", "--model-dir", str(tiny_model_dir), *args, "--out", str(tmp_path / "onnx.json")
+    )
     ckpt = json.loads((tmp_path / "ckpt.json").read_text())
     onnx = json.loads((tmp_path / "onnx.json").read_text())
     assert ckpt["test_images"] == onnx["test_images"] == 512
-    assert abs(ckpt["knn_top1"] - onnx["knn_top1"]) <= 1 / 512   # one borderline vote at most
+    assert abs(ckpt["knn_top1"] - onnx["knn_top1"]) <= 1 / 512  # one borderline vote at most
 
 
 def test_existing_output_folder_is_refused(tiny_run_dir, tmp_path):
@@ -143,9 +170,22 @@ def test_existing_output_folder_is_refused(tiny_run_dir, tmp_path):
 def _export_fails(tmp_path, checkpoint, *extra) -> str:
     """Run a failing export; check it leaves nothing behind; return its one line of error."""
     out = tmp_path / "out" / "model"
-    proc = subprocess.run([sys.executable, "-m", "simmim_cli", "export", str(checkpoint),
-                           "--out", str(out), "--no-progress", *extra],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simmim_cli",
+            "export",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -166,7 +206,7 @@ def test_truncated_checkpoint_fails_in_one_line(tiny_run_dir, tmp_path):
 def test_checkpoint_of_another_architecture_fails_in_one_line(tmp_path):
     write_checkpoint(tmp_path / "ckpt.pt", TINY["vit"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    ckpt["model_config"]["encoder_kwargs"]["embed_dim"] = 64           # weights are dim 32
+    ckpt["model_config"]["encoder_kwargs"]["embed_dim"] = 64  # weights are dim 32
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert "does not match its architecture" in _export_fails(tmp_path, tmp_path / "ckpt.pt")
 
@@ -177,10 +217,10 @@ def test_unsupported_opset_fails_in_one_line(tiny_run_dir, tmp_path):
 
 def test_default_model_directory_is_valid_and_its_hashes_match():
     folder = default_model_path()
-    md = load_model_dir(folder)                                   # checks every sha256
+    md = load_model_dir(folder)  # checks every sha256
     assert md.card["training"]["data"] == "fashion-mnist"
     assert md.card["evaluation"]["fp32"]["knn_top1"] > 0.5
-    assert sum(p.stat().st_size for p in folder.iterdir()) <= 20 * 2 ** 20
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 20 * 2**20
 
 
 def test_a_tampered_model_file_is_refused(tiny_model_dir, tmp_path):
@@ -211,6 +251,6 @@ def test_grid_pooling_exports_a_flattened_grid_that_matches_pytorch(tmp_path):
     out = ort.InferenceSession(str(folder / ENCODER)).run(["embedding"], {"pixels": pixels})[0]
     model = write_checkpoint(tmp_path / "again.pt", TINY["vit"])
     with torch.no_grad():
-        fmap, _ = model.encoder.forward_features(torch.from_numpy(pixels))   # [3, 32, 8, 8]
+        fmap, _ = model.encoder.forward_features(torch.from_numpy(pixels))  # [3, 32, 8, 8]
         expected = fmap.reshape(3, 32, 2, 4, 2, 4).mean((3, 5)).flatten(1).numpy()
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)

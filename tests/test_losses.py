@@ -3,15 +3,21 @@
 Reconstruction (DESIGN §2): sum(err * M) / (sum(M) + 1e-5) / C over normalised pixels, M the
 mask upsampled to pixels, err = |x - y| (L1, default) or (x - y)^2 (MSE).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from simmim_core.losses import (cosine_loss, info_nce, perceptual_loss, reconstruction_loss,
-                                upsample_mask)
 from tiny import tiny_model
+
+from simmim_core.nn.losses import (
+    cosine_loss,
+    info_nce,
+    perceptual_loss,
+    reconstruction_loss,
+    upsample_mask,
+)
 
 
 def test_upsample_mask_repeats_each_token_over_its_patch_of_pixels():
@@ -99,11 +105,17 @@ def test_an_empty_mask_gives_zero_loss_not_nan():
 
 def test_unknown_reconstruction_loss_raises_value_error():
     with pytest.raises(ValueError, match="huber"):
-        reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
-                            torch.ones(1, 1, 1, dtype=torch.uint8), 2, kind="huber")
+        reconstruction_loss(
+            torch.zeros(1, 1, 2, 2),
+            torch.zeros(1, 1, 2, 2),
+            torch.ones(1, 1, 1, dtype=torch.uint8),
+            2,
+            kind="huber",
+        )
 
 
 # ---- similarity terms -------------------------------------------------------------------------
+
 
 def test_cosine_loss_is_zero_for_identical_inputs():
     a = torch.randn(8, 16)
@@ -131,7 +143,7 @@ def test_cosine_loss_treats_its_second_argument_as_a_fixed_target():
 def test_info_nce_is_lower_for_matched_than_for_shuffled_pairs():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 32, generator=g)
-    b = a + 0.1 * torch.randn(16, 32, generator=g)          # row i of b is a view of row i of a
+    b = a + 0.1 * torch.randn(16, 32, generator=g)  # row i of b is a view of row i of a
     shuffled = b[torch.randperm(16, generator=g)]
     assert info_nce(a, b, 0.2) < info_nce(a, shuffled, 0.2)
 
@@ -160,6 +172,7 @@ def test_perceptual_loss_is_the_mean_absolute_feature_difference():
 
 # ---- the similarity terms inside SimMIM -----------------------------------------------------
 
+
 @pytest.mark.parametrize("sim_loss", ["cosine", "perceptual"])
 def test_similarity_term_is_zero_when_nothing_is_masked(sim_loss):
     # nothing masked: the composite (visible pixels + reconstruction) is the original itself
@@ -179,7 +192,8 @@ def test_the_total_loss_is_reconstruction_plus_lambda_times_similarity(sim_loss)
     assert recon.shape == pixels.shape
     assert loss.item() == pytest.approx(parts["rec"].item() + 0.3 * parts["sim"].item(), rel=1e-6)
     assert parts["rec"].item() == pytest.approx(
-        reconstruction_loss(pixels, recon, mask, model.patch_size).item(), rel=1e-6)
+        reconstruction_loss(pixels, recon, mask, model.patch_size).item(), rel=1e-6
+    )
     if sim_loss == "none":
         assert parts["sim"].item() == 0.0
     else:

@@ -4,6 +4,7 @@ Every generator returns uint8 [N, h, w] at the encoder's patch grid (1 = masked)
 from r x r mask patches, r = input_size // mask_patch_size, each expanded to
 s x s tokens, s = mask_patch_size // model_patch_size.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,15 @@ import math
 import numpy as np
 import pytest
 
-from simmim_core.masking import (MASK_KINDS, MaskGenerator, block_mask, check_sizes,
-                                 hierarchical_mask, square_mask, stripes_mask)
+from simmim_core.masking import (
+    MASK_KINDS,
+    MaskGenerator,
+    block_mask,
+    check_sizes,
+    hierarchical_mask,
+    square_mask,
+    stripes_mask,
+)
 
 
 def cells_of(mask: np.ndarray, scale: int) -> np.ndarray:
@@ -70,7 +78,7 @@ def test_block_mask_ratio_zero_masks_nothing():
 
 def test_block_mask_chooses_every_mask_patch_about_equally_often():
     # uniform without replacement: each of the 36 cells is masked with probability 22/36
-    mask = block_mask(np.random.default_rng(0), 4000, 192, 32, 32, 0.6)    # [4000, 6, 6]
+    mask = block_mask(np.random.default_rng(0), 4000, 192, 32, 32, 0.6)  # [4000, 6, 6]
     freq = mask.mean(0)
     assert np.abs(freq - 22 / 36).max() < 0.04
 
@@ -103,8 +111,8 @@ def test_square_mask_is_one_contiguous_k_by_k_square_of_mask_patches(ratio):
         rows, cols = np.flatnonzero(c.any(1)), np.flatnonzero(c.any(0))
         assert c.sum() == k * k
         assert len(rows) == len(cols) == k
-        assert rows[-1] - rows[0] == cols[-1] - cols[0] == k - 1          # contiguous
-        assert c[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()        # filled
+        assert rows[-1] - rows[0] == cols[-1] - cols[0] == k - 1  # contiguous
+        assert c[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()  # filled
 
 
 def test_square_mask_places_the_square_anywhere_on_the_grid():
@@ -122,7 +130,7 @@ def test_stripes_mask_masks_ceil_ratio_r_full_rows_or_full_columns(ratio):
     orientations = set()
     for c in cells:
         assert c.sum() == k * r
-        full_rows = (c.all(1) | ~c.any(1)).all()       # every row all masked or all visible
+        full_rows = (c.all(1) | ~c.any(1)).all()  # every row all masked or all visible
         full_cols = (c.all(0) | ~c.any(0)).all()
         assert full_rows or full_cols
         orientations.add("rows" if full_rows else "columns")
@@ -140,7 +148,7 @@ def test_hierarchical_mask_contains_coarse_blocks_of_several_mask_patches():
     # r = 16, levels 3: blocks of 4 x 4 and 2 x 2 mask patches, then single ones
     cells = cells_of(hierarchical_mask(np.random.default_rng(0), 10, 256, 16, 16, 0.6), 1)
     for c in cells:
-        full4 = c.reshape(4, 4, 4, 4).all(axis=(1, 3))       # aligned 4 x 4 blocks fully masked
+        full4 = c.reshape(4, 4, 4, 4).all(axis=(1, 3))  # aligned 4 x 4 blocks fully masked
         assert full4.any()
 
 
@@ -150,11 +158,14 @@ def test_a_mask_patch_equal_to_the_model_patch_gives_a_per_token_mask(kind):
     assert mask.shape == (2, 8, 8)
 
 
-@pytest.mark.parametrize("sizes, numbers", [
-    ((225, 32, 4), ("225", "32")),          # input not divisible by the mask patch
-    ((192, 32, 5), ("32", "5")),            # mask patch not divisible by the model patch
-    ((224, 48, 16), ("224", "48")),
-])
+@pytest.mark.parametrize(
+    "sizes, numbers",
+    [
+        ((225, 32, 4), ("225", "32")),  # input not divisible by the mask patch
+        ((192, 32, 5), ("32", "5")),  # mask patch not divisible by the model patch
+        ((224, 48, 16), ("224", "48")),
+    ],
+)
 def test_invalid_sizes_raise_value_error_naming_the_numbers(sizes, numbers):
     with pytest.raises(ValueError) as err:
         check_sizes(*sizes)

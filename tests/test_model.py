@@ -4,17 +4,18 @@ ViT and Swin: masked patch tokens are replaced by one learned mask_token after p
 before position embeddings (x * (1 - w) + mask_token * w); every token goes through the encoder.
 CNNs: masked pixels are filled with 0, the dataset mean after normalisation.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from simmim_core.decoders import LinearDecoder, TransformerDecoder, create_decoder
-from simmim_core.encoders import create_encoder
-from simmim_core.losses import upsample_mask
-from simmim_core.masking import MaskGenerator
 from tiny import TINY_ENCODERS, tiny_config, tiny_model
+
+from simmim_core.masking import MaskGenerator
+from simmim_core.nn.decoders import LinearDecoder, TransformerDecoder, create_decoder
+from simmim_core.nn.encoders import create_encoder
+from simmim_core.nn.losses import upsample_mask
 
 FAMILIES = list(TINY_ENCODERS)
 
@@ -33,11 +34,15 @@ def random_pixels(model, n: int, seed: int = 0) -> torch.Tensor:
 
 # ---- what each encoder reports ----------------------------------------------------------------
 
-@pytest.mark.parametrize("family, stride, grid, dim", [
-    ("vit", 4, (8, 8), 32),            # ViT patch 4 at 32 px: stride = patch size
-    ("swin", 32, (16, 16), 128),       # Swin patch 4, 4 stages: stride 32, dim 16 * 2^3
-    ("cnn", 32, (8, 8), 512),          # resnet10t: stride 32; mask cells of 8 px at 64 px
-])
+
+@pytest.mark.parametrize(
+    "family, stride, grid, dim",
+    [
+        ("vit", 4, (8, 8), 32),  # ViT patch 4 at 32 px: stride = patch size
+        ("swin", 32, (16, 16), 128),  # Swin patch 4, 4 stages: stride 32, dim 16 * 2^3
+        ("cnn", 32, (8, 8), 512),  # resnet10t: stride 32; mask cells of 8 px at 64 px
+    ],
+)
 def test_encoder_reports_its_stride_mask_grid_and_embedding_size(family, stride, grid, dim):
     enc = tiny_model(family).encoder
     assert (enc.stride, enc.grid, enc.embed_dim) == (stride, grid, dim)
@@ -80,6 +85,7 @@ def test_mask_patch_not_divisible_by_the_model_patch_raises_value_error_naming_b
 
 # ---- where the mask is applied ----------------------------------------------------------------
 
+
 def capture_vit_tokens_before_pos_embed(encoder, store: list):
     """Record what ViT's _pos_embed receives: patch tokens after the mask-token blending."""
     original = encoder.vit._pos_embed
@@ -87,6 +93,7 @@ def capture_vit_tokens_before_pos_embed(encoder, store: list):
     def spy(x):
         store.append(x.detach().clone())
         return original(x)
+
     encoder.vit._pos_embed = spy
 
 
@@ -98,11 +105,11 @@ def test_vit_mask_token_replaces_exactly_the_masked_tokens_before_position_embed
     capture_vit_tokens_before_pos_embed(enc, seen)
     with torch.no_grad():
         enc.forward_features(pixels, mask)
-        plain = enc.vit.patch_embed(pixels)                           # [N, L, D]
+        plain = enc.vit.patch_embed(pixels)  # [N, L, D]
     tokens = seen[0]
-    assert tokens.shape == plain.shape                                # no cls yet, no pos embed
-    w = mask.flatten(1).bool()                                        # [N, L]
-    assert torch.equal(tokens[~w], plain[~w])                         # visible: untouched
+    assert tokens.shape == plain.shape  # no cls yet, no pos embed
+    w = mask.flatten(1).bool()  # [N, L]
+    assert torch.equal(tokens[~w], plain[~w])  # visible: untouched
     assert torch.equal(tokens[w], enc.mask_token[0].expand(int(w.sum()), -1))
 
 
@@ -124,10 +131,10 @@ def test_swin_mask_token_replaces_exactly_the_masked_tokens_after_patch_embeddin
     enc.swin.layers.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     with torch.no_grad():
         enc.forward_features(pixels, mask)
-        plain = enc.swin.patch_embed(pixels)                          # [N, h, w, C] (NHWC)
+        plain = enc.swin.patch_embed(pixels)  # [N, h, w, C] (NHWC)
     tokens = seen[0]
     assert tokens.shape == plain.shape
-    w = mask.bool()                                                   # [N, h, w]
+    w = mask.bool()  # [N, h, w]
     assert torch.equal(tokens[~w], plain[~w])
     assert torch.equal(tokens[w], enc.mask_token.reshape(1, -1).expand(int(w.sum()), -1))
 
@@ -138,6 +145,7 @@ def capture_cnn_input(encoder, store: list):
     def spy(x):
         store.append(x.detach().clone())
         return original(x)
+
     encoder.cnn.forward_features = spy
 
 
@@ -164,7 +172,7 @@ def test_cnn_noise_fill_puts_noise_in_masked_pixels_while_training_and_zero_in_e
         model.eval().encoder.forward_features(pixels, mask)
     noisy, filled = seen
     assert torch.equal(noisy[~m], pixels[~m])
-    assert noisy[m].std() > 0.5                                        # ~N(0, 1), not a constant
+    assert noisy[m].std() > 0.5  # ~N(0, 1), not a constant
     assert torch.equal(filled[m], torch.zeros(int(m.sum())))
 
 
@@ -195,10 +203,18 @@ def test_mask_token_is_one_small_random_vector_of_the_token_width(family):
 
 # ---- gradients --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family, sim_loss", [
-    ("vit", "none"), ("swin", "none"), ("cnn", "none"),
-    ("vit", "cosine"), ("vit", "perceptual"), ("vit", "contrastive"),
-])
+
+@pytest.mark.parametrize(
+    "family, sim_loss",
+    [
+        ("vit", "none"),
+        ("swin", "none"),
+        ("cnn", "none"),
+        ("vit", "cosine"),
+        ("vit", "perceptual"),
+        ("vit", "contrastive"),
+    ],
+)
 def test_every_trainable_parameter_gets_a_finite_gradient(family, sim_loss):
     model = tiny_model(family, sim_loss=sim_loss).train()
     pixels, mask = random_pixels(model, 4), random_mask(model, 4)
@@ -206,15 +222,18 @@ def test_every_trainable_parameter_gets_a_finite_gradient(family, sim_loss):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing}"
-    bad = [n for n, p in model.named_parameters()
-           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
     assert not bad, f"non-finite gradient for {bad}"
 
 
-@pytest.mark.parametrize("arch, head", [("convnext_atto", "head.norm"),
-                                        ("mobilenetv3_small_050", "conv_head")])
-def test_cnn_parameters_outside_forward_features_are_frozen_so_ddp_sees_only_used_ones(arch,
-                                                                                       head):
+@pytest.mark.parametrize(
+    "arch, head", [("convnext_atto", "head.norm"), ("mobilenetv3_small_050", "conv_head")]
+)
+def test_cnn_parameters_outside_forward_features_are_frozen_so_ddp_sees_only_used_ones(arch, head):
     # the classifier head's norm / conv is never run: it must not wait for a gradient
     model = tiny_model("cnn", arch=arch)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -249,6 +268,7 @@ def test_mask_token_gets_a_gradient_only_when_something_is_masked(family):
 
 # ---- decoders and embeddings ------------------------------------------------------------------
 
+
 def test_linear_decoder_is_a_1x1_conv_to_stride_squared_channels_and_a_pixel_shuffle():
     dec = create_decoder("linear", embed_dim=32, stride=4, in_chans=3, feature_grid=(8, 8))
     assert isinstance(dec, LinearDecoder)
@@ -257,8 +277,9 @@ def test_linear_decoder_is_a_1x1_conv_to_stride_squared_channels_and_a_pixel_shu
     assert out.shape == (2, 3, 32, 32)
     # PixelShuffle: output pixel (c, y, x) is channel c * s^2 + (y % s) * s + (x % s) of cell
     proj = dec.proj(torch.ones(1, 32, 8, 8))
-    assert out.shape and torch.allclose(dec(torch.ones(1, 32, 8, 8))[0, 1, 2, 3],
-                                        proj[0, 1 * 16 + 2 * 4 + 3, 0, 0])
+    assert out.shape and torch.allclose(
+        dec(torch.ones(1, 32, 8, 8))[0, 1, 2, 3], proj[0, 1 * 16 + 2 * 4 + 3, 0, 0]
+    )
 
 
 def test_transformer_decoder_maps_the_feature_map_to_pixels():
@@ -297,7 +318,7 @@ def test_vit_mean_pooling_uses_patch_tokens_after_the_final_norm_and_cls_pooling
     cls_model.load_state_dict(model.state_dict())
     pixels = random_pixels(model, 2)
     with torch.no_grad():
-        tokens = model.encoder.forward_tokens(pixels)                  # [N, 1 + L, D] after norm
+        tokens = model.encoder.forward_tokens(pixels)  # [N, 1 + L, D] after norm
         mean, cls = model.embed(pixels), cls_model.embed(pixels)
     torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
     torch.testing.assert_close(cls, tokens[:, 0])

@@ -3,6 +3,7 @@
 Runs use tiny encoders on `synthetic:64` (64 images, batch 8: 8 optimizer steps per epoch) in
 this process, except the torchrun test, which starts two processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import pretrain, read_metrics, tiny_model
 
 from training import checkpoint as checkpoint_module
 from training import pretrain as pretrain_module
@@ -24,7 +26,6 @@ from training.checkpoint import CheckpointError, load_checkpoint, save_atomic, s
 from training.data import epoch_batches
 from training.pretrain import param_groups
 from training.schedule import lr_at
-from tiny import pretrain, read_metrics, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_lr_warmup_is_linear_and_peaks_at_lr_when_warmup_ends():
 def test_lr_decays_by_cosine_after_warmup_and_ends_at_min_lr():
     lrs = [lr_at(s, **SCHEDULE) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert lr_at(55, **SCHEDULE) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)   # half way
+    assert lr_at(55, **SCHEDULE) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)  # half way
     assert lr_at(100, **SCHEDULE) == pytest.approx(1e-5)
     assert lr_at(99, **SCHEDULE) == pytest.approx(1e-5, abs=1e-6)
 
@@ -60,11 +61,24 @@ def test_lr_without_warmup_starts_at_lr():
 def test_a_run_follows_the_schedule_with_lr_scaled_by_total_batch_over_512(tmp_path):
     # lr = base_lr * batch * accum * world / 512 = 0.256 * 8 * 2 / 512 = 0.008
     out = tmp_path / "run"
-    pretrain(out, "--steps", "6", "--accum-steps", "2", "--base-lr", "0.256",
-             "--warmup-epochs", "0.5", "--warmup-lr", "0.0001", "--min-lr", "0.0002")
+    pretrain(
+        out,
+        "--steps",
+        "6",
+        "--accum-steps",
+        "2",
+        "--base-lr",
+        "0.256",
+        "--warmup-epochs",
+        "0.5",
+        "--warmup-lr",
+        "0.0001",
+        "--min-lr",
+        "0.0002",
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == pytest.approx(0.008)
-    assert config["steps_per_epoch"] == 4                             # 64 // 8 // 2
+    assert config["steps_per_epoch"] == 4  # 64 // 8 // 2
     lrs = [row["lr"] for row in read_metrics(out)]
     # warmup 2 steps from 1e-4, then cosine over the 4 others down toward 2e-4
     expected = [lr_at(s, 6, 2, 0.008, 1e-4, 2e-4) for s in range(6)]
@@ -73,6 +87,7 @@ def test_a_run_follows_the_schedule_with_lr_scaled_by_total_batch_over_512(tmp_p
 
 
 # ---- the optimizer -----------------------------------------------------------------------------
+
 
 def no_decay_names(model) -> set[str]:
     groups = param_groups(model, 0.05)
@@ -83,12 +98,21 @@ def no_decay_names(model) -> set[str]:
 def test_no_weight_decay_on_mask_token_cls_token_position_embeddings_biases_and_norms():
     model = tiny_model("vit")
     skip = no_decay_names(model)
-    for name in ("encoder.mask_token", "encoder.vit.cls_token", "encoder.vit.pos_embed",
-                 "encoder.vit.norm.weight", "encoder.vit.norm.bias",
-                 "encoder.vit.blocks.0.attn.qkv.bias", "decoder.proj.bias"):
+    for name in (
+        "encoder.mask_token",
+        "encoder.vit.cls_token",
+        "encoder.vit.pos_embed",
+        "encoder.vit.norm.weight",
+        "encoder.vit.norm.bias",
+        "encoder.vit.blocks.0.attn.qkv.bias",
+        "decoder.proj.bias",
+    ):
         assert name in skip
-    for name in ("encoder.vit.blocks.0.attn.qkv.weight", "encoder.vit.patch_embed.proj.weight",
-                 "decoder.proj.weight"):
+    for name in (
+        "encoder.vit.blocks.0.attn.qkv.weight",
+        "encoder.vit.patch_embed.proj.weight",
+        "decoder.proj.weight",
+    ):
         assert name not in skip
 
 
@@ -113,6 +137,7 @@ def test_every_trainable_parameter_is_in_exactly_one_optimizer_group_and_ema_in_
 
 # ---- data order ------------------------------------------------------------------------------
 
+
 def test_epoch_batches_are_full_batches_only_like_drop_last():
     batches = epoch_batches(70, 8, seed=0, epoch=0)
     assert len(batches) == 8 and all(len(b) == 8 for b in batches)
@@ -128,10 +153,27 @@ def test_epoch_batches_of_the_ranks_are_disjoint_and_reshuffled_every_epoch():
 
 # ---- training works ----------------------------------------------------------------------------
 
+
 def test_a_short_pretrain_on_synthetic_images_lowers_the_loss(tmp_path):
     out = tmp_path / "run"
-    assert pretrain(out, "--data", "synthetic:256", "--batch-size", "16", "--steps", "80",
-                    "--base-lr", "0.05", "--warmup-epochs", "0.25", "--seed", "0") == 0
+    assert (
+        pretrain(
+            out,
+            "--data",
+            "synthetic:256",
+            "--batch-size",
+            "16",
+            "--steps",
+            "80",
+            "--base-lr",
+            "0.05",
+            "--warmup-epochs",
+            "0.25",
+            "--seed",
+            "0",
+        )
+        == 0
+    )
     losses = [row["loss"] for row in read_metrics(out)]
     assert len(losses) == 80 and all(math.isfinite(x) for x in losses)
     early, late = np.mean(losses[:15]), np.mean(losses[-15:])
@@ -154,9 +196,12 @@ def test_resume_continues_bit_identically_on_cpu(tmp_path, monkeypatch):
     # 12 steps straight, against: the same run killed after its step-6 checkpoint (in the middle
     # of epoch 0, 8 steps per epoch) and resumed with --resume. drop_path draws from torch's RNG,
     # so the RNG state has to be restored exactly too.
-    args = ["--steps", "12", "--encoder-kwargs",
-            '{"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, '
-            '"drop_path_rate": 0.2}']
+    args = [
+        "--steps",
+        "12",
+        "--encoder-kwargs",
+        '{"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.2}',
+    ]
     assert pretrain(tmp_path / "straight", *args) == 0
 
     real_save = pretrain_module.save_atomic
@@ -165,6 +210,7 @@ def test_resume_continues_bit_identically_on_cpu(tmp_path, monkeypatch):
         real_save(obj, path)
         if obj["step"] == 6:
             raise Killed
+
     monkeypatch.setattr(pretrain_module, "save_atomic", save_then_die)
     with pytest.raises(Killed):
         pretrain(tmp_path / "resumed", *args, "--save-every", "6")
@@ -200,18 +246,41 @@ def test_two_gloo_processes_under_torchrun_end_with_identical_parameters(tmp_pat
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     from tiny import RUN_DEFAULTS, tiny_cli_args
+
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "simmim_cli", "pretrain", "--out", str(out), *tiny_cli_args("vit"),
-         *RUN_DEFAULTS, "--steps", "5", "--sim-loss", "contrastive"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "simmim_cli",
+            "pretrain",
+            "--out",
+            str(out),
+            *tiny_cli_args("vit"),
+            *RUN_DEFAULTS,
+            "--steps",
+            "5",
+            "--sim-loss",
+            "contrastive",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2
-    assert config["steps_per_epoch"] == 4                              # 64 images / 2 ranks / 8
+    assert config["steps_per_epoch"] == 4  # 64 images / 2 ranks / 8
     # each rank hashes its parameters at the end; rank 0 reports that all hashes agree ...
-    found = re.search(r"parameters identical on all 2 ranks \(sha256 ([0-9a-f]{64})\)",
-                      proc.stdout + proc.stderr)
+    found = re.search(
+        r"parameters identical on all 2 ranks \(sha256 ([0-9a-f]{64})\)", proc.stdout + proc.stderr
+    )
     assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
     # ... and the agreed hash is that of the checkpoint rank 0 wrote
     ckpt = load_checkpoint(out)
@@ -231,12 +300,15 @@ def test_state_digest_sees_a_one_bit_change():
 
 # ---- checkpoints -------------------------------------------------------------------------------
 
+
 def test_checkpoint_is_written_to_a_temporary_file_then_renamed(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(checkpoint_module.os, "replace",
-                        lambda src, dst: (renames.append((Path(src), Path(dst))),
-                                          real_replace(src, dst)))
+    monkeypatch.setattr(
+        checkpoint_module.os,
+        "replace",
+        lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst)),
+    )
     target = tmp_path / "checkpoint.pt"
     save_atomic({"format": 1, "x": torch.ones(2)}, target)
     [(src, dst)] = renames
@@ -246,13 +318,15 @@ def test_checkpoint_is_written_to_a_temporary_file_then_renamed(tmp_path, monkey
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_leaves_no_temp_file(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     target = tmp_path / "checkpoint.pt"
     save_atomic({"format": 1, "step": 1}, target)
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
-        raise KeyboardInterrupt                                         # killed while writing
+        raise KeyboardInterrupt  # killed while writing
+
     monkeypatch.setattr(checkpoint_module.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         save_atomic({"format": 1, "step": 2}, target)
@@ -263,15 +337,22 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_leaves_no_t
 
 def test_a_runs_checkpoint_loads_with_weights_only(tiny_run_dir):
     ckpt = torch.load(tiny_run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "step", "model_config", "train_config", "preprocessing",
-            "rng"} <= set(ckpt)
+    assert {
+        "model",
+        "optimizer",
+        "step",
+        "model_config",
+        "train_config",
+        "preprocessing",
+        "rng",
+    } <= set(ckpt)
     assert ckpt["step"] == 2
 
 
 def test_a_truncated_checkpoint_gives_checkpoint_error(tiny_run_dir, tmp_path):
     data = (tiny_run_dir / "checkpoint.pt").read_bytes()
     broken = tmp_path / "checkpoint.pt"
-    broken.write_bytes(data[:len(data) // 2])
+    broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(broken)
 
@@ -298,10 +379,16 @@ def test_out_that_already_holds_a_run_fails_clearly_without_resume(tmp_path, cap
 
 # ---- the run's files ---------------------------------------------------------------------------
 
+
 def test_a_run_writes_config_metrics_loss_curve_and_reconstruction_grid(tiny_run_dir):
     names = {p.name for p in tiny_run_dir.iterdir()}
-    assert {"checkpoint.pt", "config.json", "metrics.jsonl", "loss_curve.png",
-            "recon_epoch000.png"} <= names
+    assert {
+        "checkpoint.pt",
+        "config.json",
+        "metrics.jsonl",
+        "loss_curve.png",
+        "recon_epoch000.png",
+    } <= names
     config = json.loads((tiny_run_dir / "config.json").read_text())
     assert {"model", "train", "preprocessing", "lr", "total_steps", "command"} <= set(config)
     rows = [json.loads(line) for line in (tiny_run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -317,10 +404,10 @@ def test_reconstruction_grid_shows_original_masked_and_reconstruction_side_by_si
     scale = max(1, 96 // size)
     grid = Image.open(tiny_run_dir / "recon_epoch000.png")
     assert grid.format == "PNG"
-    assert grid.size == (3 * size * scale, 8 * size * scale)              # 8 images, 3 panels
+    assert grid.size == (3 * size * scale, 8 * size * scale)  # 8 images, 3 panels
 
 
 def test_a_picture_per_epoch(tmp_path):
     out = tmp_path / "run"
-    pretrain(out, "--data", "synthetic:16", "--epochs", "2")           # 2 steps per epoch
+    pretrain(out, "--data", "synthetic:16", "--epochs", "2")  # 2 steps per epoch
     assert {"recon_epoch000.png", "recon_epoch001.png"} <= {p.name for p in out.iterdir()}

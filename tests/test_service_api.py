@@ -1,5 +1,6 @@
 """The HTTP API (DESIGN §4) against a real `simmim serve` on a loopback port, one server for the
 module: every endpoint, parity with onnxruntime, encodings, formats, errors and limits."""
+
 from __future__ import annotations
 
 import base64
@@ -15,21 +16,36 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from service_fixtures import (
+    API_KEY,
+    Reference,
+    ServerProcess,
+    encode,
+    make_image,
+    png_bytes,
+    unit,
+    wait_until,
+)
 
-from service.preprocess import denormalize
-from service.reconstruction import GAP, PANEL_MIN
-from service_fixtures import (API_KEY, Reference, ServerProcess, encode, make_image, png_bytes,
-                              unit, wait_until)
+from simmim_core.preprocess import denormalize
+from simmim_core.visualize import GAP, PANEL_MIN
 
-LIMITS = {"SIMMIM_MAX_IMAGES": "8", "SIMMIM_MAX_QUEUE": "64", "SIMMIM_MAX_BATCH_SIZE": "8",
-          "SIMMIM_MAX_PIXELS": "1000000", "SIMMIM_MAX_REQUEST_BYTES": "1500000",
-          "SIMMIM_MAX_WAIT_MS": "1", "SIMMIM_LOG_JSON": "true"}
+LIMITS = {
+    "SIMMIM_MAX_IMAGES": "8",
+    "SIMMIM_MAX_QUEUE": "64",
+    "SIMMIM_MAX_BATCH_SIZE": "8",
+    "SIMMIM_MAX_PIXELS": "1000000",
+    "SIMMIM_MAX_REQUEST_BYTES": "1500000",
+    "SIMMIM_MAX_WAIT_MS": "1",
+    "SIMMIM_LOG_JSON": "true",
+}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("api"), env=LIMITS,
-                       processes=2) as s:
+    with ServerProcess(
+        tiny_model_dir, tmp_path_factory.mktemp("api"), env=LIMITS, processes=2
+    ) as s:
         s.wait_ready()
         yield s
 
@@ -52,8 +68,9 @@ def embed(server, images: list[bytes], **options) -> np.ndarray:
 def assert_serving(server, ref) -> None:
     """The server still answers a good request correctly."""
     image = png_bytes(99)
-    np.testing.assert_allclose(embed(server, [image], normalize=False), ref.embed([image]),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        embed(server, [image], normalize=False), ref.embed([image]), atol=1e-5, rtol=0
+    )
 
 
 # --- health, auth, info, metrics, docs --------------------------------------------------------
@@ -63,14 +80,17 @@ def test_health_live_and_ready_answer_200_without_a_key(server):
         assert r.status_code == 200 and r.json() == {"status": status}
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}",
-                                           f"Bearer {API_KEY}x"])
-@pytest.mark.parametrize("method, path", [("POST", "/embed"), ("GET", "/info"),
-                                          ("GET", "/metrics")])
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x"]
+)
+@pytest.mark.parametrize(
+    "method, path", [("POST", "/embed"), ("GET", "/info"), ("GET", "/metrics")]
+)
 def test_missing_or_wrong_api_key_gets_401(server, authorization, method, path):
     headers = {"Authorization": authorization} if authorization else {}
-    r = httpx.request(method, server.url + path, headers=headers,
-                      json={"images": [b64(png_bytes(0))]})
+    r = httpx.request(
+        method, server.url + path, headers=headers, json={"images": [b64(png_bytes(0))]}
+    )
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "unauthorized"
     assert r.headers["www-authenticate"] == "Bearer"
@@ -94,10 +114,18 @@ def test_metrics_cover_requests_queue_batches_inference_and_images(server):
     embed(server, [png_bytes(i) for i in range(3)])
     r = server.http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    for name in ("simmim_requests_total", "simmim_request_duration_seconds_bucket",
-                 "simmim_queue_depth", "simmim_running_items", "simmim_queue_wait_seconds_bucket",
-                 "simmim_batch_size_bucket", "simmim_inference_seconds_bucket",
-                 "simmim_items_dropped_total", "simmim_failed_batches_total", "simmim_ready"):
+    for name in (
+        "simmim_requests_total",
+        "simmim_request_duration_seconds_bucket",
+        "simmim_queue_depth",
+        "simmim_running_items",
+        "simmim_queue_wait_seconds_bucket",
+        "simmim_batch_size_bucket",
+        "simmim_inference_seconds_bucket",
+        "simmim_items_dropped_total",
+        "simmim_failed_batches_total",
+        "simmim_ready",
+    ):
         assert f"\n{name}" in r.text, name
     assert server.metric("simmim_images_total", task="embed") == before + 3
     assert server.metric("simmim_requests_total", endpoint="/embed", status="200") >= 1
@@ -107,8 +135,15 @@ def test_metrics_cover_requests_queue_batches_inference_and_images(server):
 def test_docs_and_openapi_are_served_and_list_every_endpoint(server):
     assert httpx.get(server.url + "/docs").status_code == 200
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
-    for path in ("/embed", "/similarity", "/reconstruct", "/health/live", "/health/ready",
-                 "/info", "/metrics"):
+    for path in (
+        "/embed",
+        "/similarity",
+        "/reconstruct",
+        "/health/live",
+        "/health/ready",
+        "/info",
+        "/metrics",
+    ):
         assert path in paths
     body = paths["/embed"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
@@ -123,11 +158,18 @@ def test_request_id_is_echoed_or_generated(server):
 
 
 def test_one_json_log_line_per_request_with_id_status_and_timings(server):
-    r = server.http.post("/embed", json={"images": [b64(png_bytes(1))] * 2},
-                         headers={"X-Request-ID": "log-line-test"})
+    r = server.http.post(
+        "/embed",
+        json={"images": [b64(png_bytes(1))] * 2},
+        headers={"X-Request-ID": "log-line-test"},
+    )
     assert r.status_code == 200
-    for header in ("x-decode-time-ms", "x-queue-time-ms", "x-inference-time-ms",
-                   "x-serialize-time-ms"):
+    for header in (
+        "x-decode-time-ms",
+        "x-queue-time-ms",
+        "x-inference-time-ms",
+        "x-serialize-time-ms",
+    ):
         assert float(r.headers[header]) >= 0
 
     def access_lines():
@@ -145,32 +187,38 @@ def test_without_log_requests_only_failed_requests_are_logged_at_info(tiny_model
     env = {"SIMMIM_LOG_REQUESTS": "false", "SIMMIM_LOG_JSON": "true", "SIMMIM_LOG_LEVEL": "debug"}
     with ServerProcess(tiny_model_dir, tmp_path, env=env, api_key=None) as quiet:
         quiet.wait_ready()
-        ok = quiet.http.post("/embed", json={"images": [b64(png_bytes(1))]},
-                             headers={"X-Request-ID": "quiet-ok"})
-        bad = quiet.http.post("/embed", json={"images": "not a list"},
-                              headers={"X-Request-ID": "quiet-bad"})
+        ok = quiet.http.post(
+            "/embed", json={"images": [b64(png_bytes(1))]}, headers={"X-Request-ID": "quiet-ok"}
+        )
+        bad = quiet.http.post(
+            "/embed", json={"images": "not a list"}, headers={"X-Request-ID": "quiet-bad"}
+        )
         assert (ok.status_code, bad.status_code) == (200, 422)
 
         def levels():
-            lines = [json.loads(line) for line in quiet.log().splitlines()
-                     if line.startswith("{")]
-            found = {e["request_id"]: e["level"] for e in lines
-                     if e.get("request_id", "").startswith("quiet-")}
+            lines = [json.loads(line) for line in quiet.log().splitlines() if line.startswith("{")]
+            found = {
+                e["request_id"]: e["level"]
+                for e in lines
+                if e.get("request_id", "").startswith("quiet-")
+            }
             return found if len(found) == 2 else None
 
-        assert wait_until(levels, "both access log lines") == {"quiet-ok": "debug",
-                                                               "quiet-bad": "info"}
+        assert wait_until(levels, "both access log lines") == {
+            "quiet-ok": "debug",
+            "quiet-bad": "info",
+        }
 
 
 # --- /embed ------------------------------------------------------------------------------------
 def test_embed_equals_onnxruntime_on_the_same_preprocessed_pixels(server, ref):
     images = [png_bytes(i) for i in range(5)]
-    r = server.http.post("/embed", json={"images": [b64(i) for i in images],
-                                         "normalize": False})
+    r = server.http.post("/embed", json={"images": [b64(i) for i in images], "normalize": False})
     body = r.json()
     assert body["model"] == ref.model.name and body["dim"] == ref.model.card["embedding_dim"]
-    np.testing.assert_allclose(np.array(body["embeddings"], np.float32), ref.embed(images),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.array(body["embeddings"], np.float32), ref.embed(images), atol=1e-5, rtol=0
+    )
 
 
 def test_embed_normalizes_by_default(server, ref):
@@ -183,22 +231,27 @@ def test_embed_normalizes_by_default(server, ref):
 def test_base64_and_float_encodings_agree_exactly(server):
     images = [b64(png_bytes(i)) for i in range(3)]
     floats = server.http.post("/embed", json={"images": images}).json()["embeddings"]
-    encoded = server.http.post("/embed", json={"images": images,
-                                               "encoding": "base64"}).json()["embeddings"]
+    encoded = server.http.post("/embed", json={"images": images, "encoding": "base64"}).json()[
+        "embeddings"
+    ]
     decoded = np.stack([np.frombuffer(base64.b64decode(e), "<f4") for e in encoded])
     np.testing.assert_array_equal(decoded, np.array(floats, np.float32))
 
 
 def test_multipart_files_json_base64_and_data_uris_agree(server):
     images = [png_bytes(i) for i in range(3)]
-    r = server.http.post("/embed", files=[("images", (f"{i}.png", data, "image/png"))
-                                          for i, data in enumerate(images)],
-                         data={"normalize": "false"})
+    r = server.http.post(
+        "/embed",
+        files=[("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
+        data={"normalize": "false"},
+    )
     assert r.status_code == 200, r.text
     from_files = np.array(r.json()["embeddings"], np.float32)
     uris = [f"data:image/png;base64,{b64(i)}" for i in images]
-    from_uris = np.array(server.http.post("/embed", json={"images": uris, "normalize": False})
-                         .json()["embeddings"], np.float32)
+    from_uris = np.array(
+        server.http.post("/embed", json={"images": uris, "normalize": False}).json()["embeddings"],
+        np.float32,
+    )
     np.testing.assert_array_equal(from_files, embed(server, images, normalize=False))
     np.testing.assert_array_equal(from_uris, from_files)
 
@@ -206,18 +259,24 @@ def test_multipart_files_json_base64_and_data_uris_agree(server):
 def test_batched_results_equal_single_results(server):
     images = [png_bytes(i) for i in range(8)]
     batches_of_8 = server.batches_of_size("embed", 4, 8)
-    together = embed(server, images, normalize=False)          # one batch of 8
+    together = embed(server, images, normalize=False)  # one batch of 8
     assert server.batches_of_size("embed", 4, 8) == batches_of_8 + 1
     alone = np.concatenate([embed(server, [i], normalize=False) for i in images])
     np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
 
 
 IMAGE_KINDS = {  # name: (format, mode, save options)
-    "jpeg-rgb": ("JPEG", "RGB", {"quality": 90}), "jpeg-gray": ("JPEG", "L", {}),
-    "jpeg-cmyk": ("JPEG", "CMYK", {}), "png-rgba": ("PNG", "RGBA", {}),
-    "png-palette": ("PNG", "P", {}), "png-gray-alpha": ("PNG", "LA", {}),
-    "png-16bit": ("PNG", "I;16", {}), "webp": ("WEBP", "RGB", {"lossless": True}),
-    "bmp": ("BMP", "RGB", {}), "tiff": ("TIFF", "RGB", {}), "gif": ("GIF", "P", {}),
+    "jpeg-rgb": ("JPEG", "RGB", {"quality": 90}),
+    "jpeg-gray": ("JPEG", "L", {}),
+    "jpeg-cmyk": ("JPEG", "CMYK", {}),
+    "png-rgba": ("PNG", "RGBA", {}),
+    "png-palette": ("PNG", "P", {}),
+    "png-gray-alpha": ("PNG", "LA", {}),
+    "png-16bit": ("PNG", "I;16", {}),
+    "webp": ("WEBP", "RGB", {"lossless": True}),
+    "bmp": ("BMP", "RGB", {}),
+    "tiff": ("TIFF", "RGB", {}),
+    "gif": ("GIF", "P", {}),
 }
 
 
@@ -230,24 +289,24 @@ def _image_of_kind(kind: str) -> bytes:
         img = img.convert(mode)
         img.putalpha(Image.linear_gradient("L").resize(img.size))
         return encode(img, fmt)
-    if fmt == "GIF":                                 # two frames: the first one counts
+    if fmt == "GIF":  # two frames: the first one counts
         frames = [img.convert("P"), make_image(8, (64, 52)).convert("P")]
         return encode(frames[0], fmt, save_all=True, append_images=frames[1:])
     return encode(img.convert(mode), fmt, **options)
 
 
 @pytest.mark.parametrize("kind", sorted(IMAGE_KINDS))
-def test_every_supported_format_and_mode_is_served_like_the_shared_preprocessing(
-        server, ref, kind):
+def test_every_supported_format_and_mode_is_served_like_the_shared_preprocessing(server, ref, kind):
     data = _image_of_kind(kind)
-    np.testing.assert_allclose(embed(server, [data], normalize=False), ref.embed([data]),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        embed(server, [data], normalize=False), ref.embed([data]), atol=1e-5, rtol=0
+    )
 
 
 def test_exif_orientation_is_applied(server):
     img = make_image(3, (60, 36))
     exif = Image.Exif()
-    exif[0x0112] = 6                                 # "rotate 90 CW to display"
+    exif[0x0112] = 6  # "rotate 90 CW to display"
     rotated_by_exif = encode(img, "PNG", exif=exif)
     upright = encode(ImageOps.exif_transpose(Image.open(io.BytesIO(rotated_by_exif))), "PNG")
     a, b, c = embed(server, [rotated_by_exif, upright, encode(img, "PNG")])
@@ -258,8 +317,9 @@ def test_exif_orientation_is_applied(server):
 @pytest.mark.parametrize("size", [(1, 1), (1, 300), (300, 2), (31, 33)])
 def test_tiny_and_extreme_aspect_images_are_served(server, ref, size):
     data = png_bytes(5, size)
-    np.testing.assert_allclose(embed(server, [data], normalize=False), ref.embed([data]),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        embed(server, [data], normalize=False), ref.embed([data]), atol=1e-5, rtol=0
+    )
     assert_serving(server, ref)
 
 
@@ -277,8 +337,7 @@ def test_similarity_of_a_with_itself_is_symmetric_with_unit_diagonal(server, ref
 
 def test_similarity_of_a_with_b_has_shape_len_a_by_len_b(server, ref):
     a, b = [png_bytes(i) for i in range(3)], [png_bytes(i) for i in range(10, 15)]
-    r = server.http.post("/similarity", json={"a": [b64(i) for i in a],
-                                              "b": [b64(i) for i in b]})
+    r = server.http.post("/similarity", json={"a": [b64(i) for i in a], "b": [b64(i) for i in b]})
     scores = np.array(r.json()["scores"])
     assert scores.shape == (3, 5)
     np.testing.assert_allclose(scores, unit(ref.embed(a)) @ unit(ref.embed(b)).T, atol=1e-5)
@@ -306,13 +365,17 @@ def test_reconstruct_returns_the_block_mask_pngs_and_masked_l1_of_the_model(serv
     pixels = ref.pixels([image])[0]
     expected = ref.reconstruct(image, mask)
     assert body["loss"] == pytest.approx(_masked_l1(pixels, expected, mask, p), rel=1e-4)
-    for key, want in (("reconstruction", expected),
-                      ("masked_input", pixels * (1 - np.kron(mask, np.ones((p, p))))[None])):
+    for key, want in (
+        ("reconstruction", expected),
+        ("masked_input", pixels * (1 - np.kron(mask, np.ones((p, p))))[None]),
+    ):
         picture = Image.open(io.BytesIO(base64.b64decode(body[key])))
         assert picture.format == "PNG" and picture.size == (s, s)
         assert picture.mode == ref.spec.color_mode
-        diff = np.abs(np.asarray(picture, np.int16) - denormalize(want.astype(np.float32),
-                                                                  ref.spec).astype(np.int16))
+        diff = np.abs(
+            np.asarray(picture, np.int16)
+            - denormalize(want.astype(np.float32), ref.spec).astype(np.int16)
+        )
         assert diff.max() <= 1, key
 
 
@@ -320,8 +383,10 @@ def test_reconstruct_mask_follows_seed_and_mask_ratio(server, ref):
     image = b64(png_bytes(12))
 
     def mask(**options):
-        return np.array(server.http.post("/reconstruct", json={"image": image, **options})
-                        .json()["mask"])
+        return np.array(
+            server.http.post("/reconstruct", json={"image": image, **options}).json()["mask"]
+        )
+
     np.testing.assert_array_equal(mask(seed=5), mask(seed=5))
     assert not np.array_equal(mask(seed=5), mask(seed=6))
     card = ref.model.card
@@ -332,20 +397,29 @@ def test_reconstruct_mask_follows_seed_and_mask_ratio(server, ref):
 
 
 def test_reconstruct_with_accept_png_returns_original_masked_reconstruction_side_by_side(
-        server, ref):
+    server, ref
+):
     image = png_bytes(13)
-    r = server.http.post("/reconstruct", files={"image": ("x.png", image, "image/png")},
-                         data={"seed": "2"}, headers={"Accept": "image/png"})
+    r = server.http.post(
+        "/reconstruct",
+        files={"image": ("x.png", image, "image/png")},
+        data={"seed": "2"},
+        headers={"Accept": "image/png"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(r.content))
     s = ref.model.card["image_size"]
     k = math.ceil(PANEL_MIN / s)
     assert picture.size == (3 * s * k + 2 * GAP, s * k)
     assert picture.mode == ref.spec.color_mode
-    original = np.asarray(picture)[::k, :s * k:k]               # left panel, scaled back
+    original = np.asarray(picture)[::k, : s * k : k]  # left panel, scaled back
     np.testing.assert_array_equal(original, denormalize(ref.pixels([image])[0], ref.spec))
-    json_r = server.http.post("/reconstruct", files={"image": ("x.png", image, "image/png")},
-                              data={"seed": "2"}, headers={"Accept": "application/json"})
+    json_r = server.http.post(
+        "/reconstruct",
+        files={"image": ("x.png", image, "image/png")},
+        data={"seed": "2"},
+        headers={"Accept": "application/json"},
+    )
     assert json_r.headers["content-type"] == "application/json"
 
 
@@ -361,50 +435,130 @@ def _bomb_png(width: int, height: int) -> bytes:
 
 GOOD = b64(png_bytes(0))
 BAD_REQUESTS = {  # name: (path, httpx keyword arguments, status, code, index)
-    "undecodable-bytes": ("/embed", {"json": {"images": [GOOD, GOOD, b64(b"not an image")]}},
-                          400, "invalid_image", 2),
-    "truncated-png": ("/embed", {"json": {"images": [b64(png_bytes(1)[:60])]}},
-                      400, "invalid_image", 0),
-    "invalid-base64": ("/embed", {"json": {"images": [GOOD, "@@@not base64@@@"]}},
-                       400, "invalid_image", 1),
-    "url-not-fetched": ("/embed", {"json": {"images": ["https://example.com/cat.png"]}},
-                        400, "invalid_image", 0),
-    "undecodable-file": ("/embed", {"files": [("images", b"GIF89a garbage")]},
-                         400, "invalid_image", 0),
-    "bad-image-in-b": ("/similarity", {"json": {"a": [GOOD], "b": [GOOD, b64(b"x")]}},
-                       400, "invalid_image", 1),
-    "too-many-images": ("/embed", {"json": {"images": [GOOD] * 9}}, 413, "too_many_images",
-                        None),
-    "too-many-images-a-plus-b": ("/similarity", {"json": {"a": [GOOD] * 5, "b": [GOOD] * 4}},
-                                 413, "too_many_images", None),
-    "too-many-pixels": ("/embed", {"json": {"images": [GOOD, b64(encode(
-        Image.new("RGB", (1200, 1000))))]}}, 413, "image_too_large", 1),
-    "decompression-bomb": ("/embed", {"json": {"images": [b64(_bomb_png(100_000, 100_000))]}},
-                           413, "image_too_large", 0),
-    "body-too-large-chunked": ("/embed", {
-        "content": [b'{"images": ["' + b"A" * 1_000_000, b"A" * 600_000 + b'"]}'],
-        "headers": {"Content-Type": "application/json"}}, 413, "payload_too_large", None),
-    "text-plain": ("/embed", {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
-                   415, "unsupported_media_type", None),
+    "undecodable-bytes": (
+        "/embed",
+        {"json": {"images": [GOOD, GOOD, b64(b"not an image")]}},
+        400,
+        "invalid_image",
+        2,
+    ),
+    "truncated-png": (
+        "/embed",
+        {"json": {"images": [b64(png_bytes(1)[:60])]}},
+        400,
+        "invalid_image",
+        0,
+    ),
+    "invalid-base64": (
+        "/embed",
+        {"json": {"images": [GOOD, "@@@not base64@@@"]}},
+        400,
+        "invalid_image",
+        1,
+    ),
+    "url-not-fetched": (
+        "/embed",
+        {"json": {"images": ["https://example.com/cat.png"]}},
+        400,
+        "invalid_image",
+        0,
+    ),
+    "undecodable-file": (
+        "/embed",
+        {"files": [("images", b"GIF89a garbage")]},
+        400,
+        "invalid_image",
+        0,
+    ),
+    "bad-image-in-b": (
+        "/similarity",
+        {"json": {"a": [GOOD], "b": [GOOD, b64(b"x")]}},
+        400,
+        "invalid_image",
+        1,
+    ),
+    "too-many-images": ("/embed", {"json": {"images": [GOOD] * 9}}, 413, "too_many_images", None),
+    "too-many-images-a-plus-b": (
+        "/similarity",
+        {"json": {"a": [GOOD] * 5, "b": [GOOD] * 4}},
+        413,
+        "too_many_images",
+        None,
+    ),
+    "too-many-pixels": (
+        "/embed",
+        {"json": {"images": [GOOD, b64(encode(Image.new("RGB", (1200, 1000))))]}},
+        413,
+        "image_too_large",
+        1,
+    ),
+    "decompression-bomb": (
+        "/embed",
+        {"json": {"images": [b64(_bomb_png(100_000, 100_000))]}},
+        413,
+        "image_too_large",
+        0,
+    ),
+    "body-too-large-chunked": (
+        "/embed",
+        {
+            "content": [b'{"images": ["' + b"A" * 1_000_000, b"A" * 600_000 + b'"]}'],
+            "headers": {"Content-Type": "application/json"},
+        },
+        413,
+        "payload_too_large",
+        None,
+    ),
+    "text-plain": (
+        "/embed",
+        {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        None,
+    ),
     "no-content-type": ("/embed", {"content": b"{}"}, 415, "unsupported_media_type", None),
-    "malformed-json": ("/embed", {"content": b'{"images": [', "headers": {
-        "Content-Type": "application/json"}}, 422, "invalid_request", None),
+    "malformed-json": (
+        "/embed",
+        {"content": b'{"images": [', "headers": {"Content-Type": "application/json"}},
+        422,
+        "invalid_request",
+        None,
+    ),
     "images-not-a-list": ("/embed", {"json": {"images": GOOD}}, 422, "invalid_request", None),
     "no-images": ("/embed", {"json": {"images": []}}, 422, "invalid_request", None),
-    "unknown-field": ("/embed", {"json": {"images": [GOOD], "normalise": True}},
-                      422, "invalid_request", None),
-    "unknown-encoding": ("/embed", {"json": {"images": [GOOD], "encoding": "hex"}},
-                         422, "invalid_request", None),
-    "mask-ratio-over-1": ("/reconstruct", {"json": {"image": GOOD, "mask_ratio": 1.5}},
-                          422, "invalid_request", None),
-    "two-images-to-reconstruct": ("/reconstruct", {"files": [("image", b"a"), ("image", b"b")]},
-                                  422, "invalid_request", None),
+    "unknown-field": (
+        "/embed",
+        {"json": {"images": [GOOD], "normalise": True}},
+        422,
+        "invalid_request",
+        None,
+    ),
+    "unknown-encoding": (
+        "/embed",
+        {"json": {"images": [GOOD], "encoding": "hex"}},
+        422,
+        "invalid_request",
+        None,
+    ),
+    "mask-ratio-over-1": (
+        "/reconstruct",
+        {"json": {"image": GOOD, "mask_ratio": 1.5}},
+        422,
+        "invalid_request",
+        None,
+    ),
+    "two-images-to-reconstruct": (
+        "/reconstruct",
+        {"files": [("image", b"a"), ("image", b"b")]},
+        422,
+        "invalid_request",
+        None,
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
-def test_each_bad_input_gets_its_status_and_code_and_the_server_keeps_serving(
-        server, ref, case):
+def test_each_bad_input_gets_its_status_and_code_and_the_server_keeps_serving(server, ref, case):
     path, kwargs, status, code, index = BAD_REQUESTS[case]
     r = server.http.post(path, **kwargs)
     assert r.status_code == status, r.text
@@ -416,13 +570,15 @@ def test_each_bad_input_gets_its_status_and_code_and_the_server_keeps_serving(
 
 def test_content_length_over_the_limit_gets_413_before_the_body_is_read(server):
     with socket.create_connection(("127.0.0.1", server.port)) as conn:
-        conn.sendall(b"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 999999999\r\nAuthorization: Bearer " + API_KEY.encode()
-                     + b"\r\n\r\n")
+        conn.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 999999999\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\n\r\n"
+        )
         stream = conn.makefile("rb")
         status = stream.readline()
-        headers = dict(line.decode().strip().lower().split(": ", 1)
-                       for line in iter(stream.readline, b"\r\n"))
+        headers = dict(
+            line.decode().strip().lower().split(": ", 1) for line in iter(stream.readline, b"\r\n")
+        )
         body = json.loads(stream.read(int(headers["content-length"])))
     assert status.startswith(b"HTTP/1.1 413")
     assert body["error"]["code"] == "payload_too_large"
@@ -436,8 +592,14 @@ def test_wrong_method_gets_405_in_the_error_format(server):
 def test_bad_requests_do_not_disturb_concurrent_good_ones(server, ref):
     good = [png_bytes(i) for i in range(20, 26)]
     expected = ref.embed(good)
-    bad = ["undecodable-bytes", "too-many-images", "malformed-json", "decompression-bomb",
-           "invalid-base64", "text-plain"]
+    bad = [
+        "undecodable-bytes",
+        "too-many-images",
+        "malformed-json",
+        "decompression-bomb",
+        "invalid-base64",
+        "text-plain",
+    ]
 
     def send(job):
         kind, value = job
@@ -446,8 +608,11 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(server, ref):
         path, kwargs, *_ = BAD_REQUESTS[value]
         return server.http.post(path, **kwargs).status_code
 
-    jobs = [job for pair in zip([("good", i) for i in range(6)], [("bad", b) for b in bad])
-            for job in pair]
+    jobs = [
+        job
+        for pair in zip([("good", i) for i in range(6)], [("bad", b) for b in bad])
+        for job in pair
+    ]
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(send, jobs))
     np.testing.assert_allclose(np.stack(results[0::2]), expected, atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
 """The batcher on its own, with a fake model: batching, ordering, limits, timeouts, failures."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ class FakeModel:
 
     def __init__(self, fail_on=None):
         self.batches: list[list] = []
-        self.inside = self.most_inside = 0          # calls running now, and at most
+        self.inside = self.most_inside = 0  # calls running now, and at most
         self.lock = threading.Lock()
         self.threads: set[int] = set()
         self.gate = threading.Event()
@@ -43,18 +44,21 @@ class FakeModel:
 
 def run(test, model: FakeModel, pool_threads: int = 1, **options):
     """Run `test(batcher, metrics)` in a fresh event loop with a started batcher."""
+
     async def main():
         metrics = Metrics()
         settings = dict(max_batch_size=4, max_wait_s=0.05, max_queue=16) | options
         with ThreadPoolExecutor(pool_threads) as pool:
-            batcher = Batcher("embed", model, executor=pool, metrics=metrics.task("embed"),
-                              **settings)
+            batcher = Batcher(
+                "embed", model, executor=pool, metrics=metrics.task("embed"), **settings
+            )
             batcher.start()
             try:
                 return await test(batcher, metrics)
             finally:
                 model.gate.set()
                 await batcher.close()
+
     return asyncio.run(main())
 
 
@@ -72,13 +76,14 @@ def test_concurrent_submits_share_batches_and_each_gets_its_own_outputs_in_order
     model = FakeModel()
 
     async def test(batcher, metrics):
-        results = await asyncio.gather(batcher.submit([1, 2], 10), batcher.submit([3], 10),
-                                       batcher.submit([4, 5, 6], 10))
+        results = await asyncio.gather(
+            batcher.submit([1, 2], 10), batcher.submit([3], 10), batcher.submit([4, 5, 6], 10)
+        )
         return [outputs for outputs, _ in results]
 
     assert run(test, model) == [[2, 4], [6], [8, 10, 12]]
     assert sorted(x for batch in model.batches for x in batch) == [1, 2, 3, 4, 5, 6]
-    assert max(len(b) for b in model.batches) == 4          # batched across requests
+    assert max(len(b) for b in model.batches) == 4  # batched across requests
 
 
 def test_batches_never_exceed_max_batch_size():
@@ -104,14 +109,14 @@ def test_a_lone_item_is_run_without_waiting_for_company():
 
 def test_a_batch_waits_for_company_only_while_more_items_are_coming():
     model = FakeModel()
-    coming = [1]                                    # one more request is being decoded
+    coming = [1]  # one more request is being decoded
 
     async def test(batcher, metrics):
         first = asyncio.ensure_future(batcher.submit(["a"], 10))
-        for _ in range(20):                         # the batcher runs, and keeps waiting
+        for _ in range(20):  # the batcher runs, and keeps waiting
             await asyncio.sleep(0)
         assert model.batches == []
-        coming[0] = 0                               # the last one arrives: nothing else is
+        coming[0] = 0  # the last one arrives: nothing else is
         second = await batcher.submit(["b"], 10)
         return (await first)[0], second[0]
 
@@ -125,9 +130,9 @@ def test_items_queued_while_the_model_is_busy_form_the_next_batch():
 
     async def test(batcher, metrics):
         first = asyncio.ensure_future(batcher.submit([0], 10))
-        await wait_for_entry(model)                 # batch [0] is held inside the model
+        await wait_for_entry(model)  # batch [0] is held inside the model
         rest = [asyncio.ensure_future(batcher.submit([i], 10)) for i in range(1, 5)]
-        await asyncio.sleep(0)                      # let them be admitted
+        await asyncio.sleep(0)  # let them be admitted
         model.gate.set()
         return [(await f)[0] for f in [first, *rest]]
 
@@ -143,7 +148,7 @@ def test_up_to_workers_batches_run_at_once_and_never_more(workers):
     async def test(batcher, metrics):
         requests = [asyncio.ensure_future(batcher.submit([i], 10)) for i in range(4)]
         await wait_for_entry(model)
-        for _ in range(50):                         # give the others every chance to enter
+        for _ in range(50):  # give the others every chance to enter
             await asyncio.sleep(0.001)
         running = model.inside
         model.gate.set()
@@ -162,10 +167,10 @@ def test_a_full_queue_raises_queue_full_with_retry_after_and_admits_nothing():
         held = asyncio.ensure_future(batcher.submit([1, 2, 3], 10))
         await wait_for_entry(model)
         with pytest.raises(QueueFull) as info:
-            await batcher.submit([4, 5], 10)        # 3 + 2 > 4: none of the two is admitted
+            await batcher.submit([4, 5], 10)  # 3 + 2 > 4: none of the two is admitted
         assert int(info.value.headers["Retry-After"]) >= 1
         assert batcher.pending == 3
-        fits = asyncio.ensure_future(batcher.submit([4], 10))    # 3 + 1 fits
+        fits = asyncio.ensure_future(batcher.submit([4], 10))  # 3 + 1 fits
         await asyncio.sleep(0)
         assert batcher.pending == 4
         model.gate.set()
@@ -183,8 +188,8 @@ def test_timed_out_items_are_dropped_before_batching():
         await wait_for_entry(model)
         with pytest.raises(RequestTimeout):
             await batcher.submit(["late-1", "late-2"], 0.01)
-        await asyncio.sleep(0)                      # one loop turn: the done callbacks run
-        assert batcher.pending == 1                 # the timed-out items freed their slots
+        await asyncio.sleep(0)  # one loop turn: the done callbacks run
+        assert batcher.pending == 1  # the timed-out items freed their slots
         model.gate.set()
         await held
         outputs, _ = await batcher.submit(["next"], 10)
@@ -204,7 +209,7 @@ def test_a_cancelled_request_frees_its_slots_and_its_items_are_never_run():
         await wait_for_entry(model)
         gone = asyncio.ensure_future(batcher.submit([2, 3], 10))
         await asyncio.sleep(0)
-        gone.cancel()                               # e.g. the client disconnected
+        gone.cancel()  # e.g. the client disconnected
         with pytest.raises(asyncio.CancelledError):
             await gone
         assert batcher.pending == 1
@@ -227,7 +232,7 @@ def test_a_failed_batch_fails_only_its_own_requests_and_the_loop_keeps_running()
         await asyncio.sleep(0)
         model.gate.set()
         assert (await held)[0] == ["ok-beforeok-before"]
-        for f in doomed:                            # all three shared the failing batch
+        for f in doomed:  # all three shared the failing batch
             with pytest.raises(InferenceFailed):
                 await f
         after, _ = await batcher.submit(["ok-after"], 10)

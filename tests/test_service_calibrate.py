@@ -1,14 +1,15 @@
 """The batch-size cap measured at start-up: which sizes are timed, when timing stops, and which
 size is chosen."""
+
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from service_fixtures import ServerProcess
 
 from service.calibrate import batch_cap, batch_rates, batch_sizes
-from service_fixtures import ServerProcess
 
 
 def test_batch_sizes_are_powers_of_two_then_the_maximum():
@@ -35,27 +36,29 @@ def test_timing_runs_workers_calls_at_once_and_stops_once_larger_batches_get_slo
 
     with ThreadPoolExecutor(2) as pool:
         rates = batch_rates(model, (1, 4, 4), 32, workers=2, pool=pool, min_seconds=0.05)
-    assert list(rates) == [1, 2, 4, 8]                  # 8 is slower than 4: 16, 32 not tried
+    assert list(rates) == [1, 2, 4, 8]  # 8 is slower than 4: 16, 32 not tried
     assert rates[4] > 1.5 * rates[2] > 2.5 * rates[1]
     assert batch_cap(rates) == 4
-    assert seen.count(8) >= 6 and seen.count(8) % 2 == 0   # 3 timings of rounds of 2 calls
+    assert seen.count(8) >= 6 and seen.count(8) % 2 == 0  # 3 timings of rounds of 2 calls
 
 
 def test_each_size_gets_the_best_of_its_timings():
-    slowed = iter([True, False, True])         # the first and last timings of batch 1 disturbed
+    slowed = iter([True, False, True])  # the first and last timings of batch 1 disturbed
 
     def model(pixels: np.ndarray) -> None:
         time.sleep(0.02 * len(pixels) * (3 if len(pixels) == 1 and next(slowed) else 1))
 
     with ThreadPoolExecutor(1) as pool:
         rates = batch_rates(model, (1, 4, 4), 2, workers=1, pool=pool, min_seconds=0.0)
-    assert 30 < rates[1] <= 50 and 30 < rates[2] <= 50   # 20 ms per image; disturbed: 60
+    assert 30 < rates[1] <= 50 and 30 < rates[2] <= 50  # 20 ms per image; disturbed: 60
 
 
-def test_the_server_times_batch_sizes_at_start_up_and_shows_the_cap_in_info(tiny_model_dir,
-                                                                             tmp_path):
-    with ServerProcess(tiny_model_dir, tmp_path, api_key=None,
-                       args=("--tune-batch-size", "--max-batch-size", "8")) as server:
+def test_the_server_times_batch_sizes_at_start_up_and_shows_the_cap_in_info(
+    tiny_model_dir, tmp_path
+):
+    with ServerProcess(
+        tiny_model_dir, tmp_path, api_key=None, args=("--tune-batch-size", "--max-batch-size", "8")
+    ) as server:
         server.wait_ready()
         backend = server.http.get("/info").json()["backend"]
     rates = {int(n): r for n, r in backend["img_s_by_batch_size"].items()}

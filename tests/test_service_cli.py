@@ -1,4 +1,5 @@
 """`simmim serve`: options and environment, start-up errors, and serving without torch."""
+
 from __future__ import annotations
 
 import base64
@@ -10,18 +11,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
-
-from service.cli import main, parse_settings
-from service.model_dir import ENCODER_INT8
-from service.settings import Settings
 from service_fixtures import ROOT, Reference, ServerProcess, png_bytes
 
-NO_TORCH = ("import sys\n"
-            "for name in ('torch', 'torchvision', 'timm'):\n"
-            "    sys.modules[name] = None          # any import of them now raises ImportError\n"
-            "import service.app, service.cli\n"
-            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
-            "sys.exit(service.cli.main(sys.argv[1:]))\n")
+from service.cli import main, parse_settings
+from service.settings import Settings
+from simmim_core.model_dir import ENCODER_INT8
+
+NO_TORCH = (
+    "import sys\n"
+    "for name in ('torch', 'torchvision', 'timm'):\n"
+    "    sys.modules[name] = None          # any import of them now raises ImportError\n"
+    "import service.app, service.cli\n"
+    "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    "sys.exit(service.cli.main(sys.argv[1:]))\n"
+)
 
 
 def simmim(*args: str) -> subprocess.CompletedProcess:
@@ -50,7 +53,7 @@ def test_flags_override_environment_variables_which_override_defaults(monkeypatc
     assert (settings.max_batch_size, settings.port, settings.int8) == (7, 9002, False)
     assert settings.max_wait_ms == Settings.model_fields["max_wait_ms"].default
     with pytest.raises(ValidationError):
-        settings.port = 1                               # frozen once read
+        settings.port = 1  # frozen once read
 
 
 def test_invalid_settings_exit_2_with_a_message(capsys):
@@ -75,8 +78,12 @@ def test_a_directory_that_is_not_a_model_exits_2_naming_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def int8_server_without_torch(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("no_torch"),
-                       program=[sys.executable, "-c", NO_TORCH], args=("--int8",)) as server:
+    with ServerProcess(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("no_torch"),
+        program=[sys.executable, "-c", NO_TORCH],
+        args=("--int8",),
+    ) as server:
         server.wait_ready()
         yield server
 
@@ -92,11 +99,11 @@ def test_int8_serves_the_quantised_encoder(int8_server_without_torch, tiny_model
     server = int8_server_without_torch
     assert server.http.get("/info").json()["backend"]["encoder_file"] == ENCODER_INT8
     images = [png_bytes(i) for i in range(3)]
-    session = ort.InferenceSession(str(tiny_model_dir / ENCODER_INT8),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tiny_model_dir / ENCODER_INT8), providers=["CPUExecutionProvider"]
+    )
     expected = session.run(["embedding"], {"pixels": Reference(tiny_model_dir).pixels(images)})[0]
-    body = {"images": [base64.b64encode(i).decode() for i in images],
-            "normalize": False}
+    body = {"images": [base64.b64encode(i).decode() for i in images], "normalize": False}
     vectors = np.array(server.http.post("/embed", json=body).json()["embeddings"], np.float32)
     np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
 

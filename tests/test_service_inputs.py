@@ -1,5 +1,6 @@
 """Request images -> model input: small images are decoded on the event loop, the rest on the
 pool, with the same result and the same limits; errors name the image."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from service_fixtures import png_bytes
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.inputs import INLINE_BYTES, INLINE_PIXELS, load_images
-from service.preprocess import Preprocessing, preprocess
-from service_fixtures import png_bytes
+from service.inputs import INLINE_BYTES, INLINE_PIXELS, decode_images
+from simmim_core.preprocess import Preprocessing, preprocess
 
 SPEC = Preprocessing("RGB", 32, 32, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -34,7 +35,7 @@ class CountingPool(ThreadPoolExecutor):
 
 
 def load(sources: list, pool: CountingPool, max_pixels: int = 10**8) -> list[np.ndarray]:
-    return asyncio.run(load_images(sources, "images", SPEC, max_pixels, pool))
+    return asyncio.run(decode_images(sources, "images", SPEC, max_pixels, pool))
 
 
 def test_small_images_are_decoded_on_the_event_loop_without_the_pool():
@@ -65,13 +66,13 @@ def test_small_images_beyond_the_request_byte_budget_go_to_the_pool_in_order():
 
 
 def test_the_pixel_limit_holds_for_small_images_and_names_the_image():
-    images = [png_bytes(0), png_bytes(1, (60, 60))]                 # 1920 and 3600 pixels
+    images = [png_bytes(0), png_bytes(1, (60, 60))]  # 1920 and 3600 pixels
     with CountingPool() as pool, pytest.raises(ImageTooLarge, match=r"images\[1\]: .*3600"):
         load(images, pool, max_pixels=3000)
 
 
 def test_the_first_bad_image_by_index_is_reported_whether_inline_or_pooled():
-    big_corrupt = png_bytes(0, (300, 300))[:-200]                   # pooled, and truncated
+    big_corrupt = png_bytes(0, (300, 300))[:-200]  # pooled, and truncated
     images = [png_bytes(1), big_corrupt, b"not an image"]
     with CountingPool() as pool, pytest.raises(InvalidImage, match=r"images\[1\]") as e:
         load(images, pool)

@@ -1,6 +1,7 @@
 """Several server processes on one port (`--processes 2`, the default on a CPU with 2 cores or
 more): both serve, metrics and readiness cover both, signals reach both, and none outlives the
 server."""
+
 from __future__ import annotations
 
 import base64
@@ -14,14 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_fixtures import LAUNCHER, Reference, ServerProcess, png_bytes, wait_until
 
 from service.engine import READY, Engine
 from service.errors import NotReady
 from service.metrics import Metrics
-from service.model_dir import load_model_dir
 from service.processes import Peers
 from service.settings import Settings
-from service_fixtures import LAUNCHER, Reference, ServerProcess, png_bytes, wait_until
+from simmim_core.model_dir import load_model_dir
 
 
 def server_processes(pid: int) -> set[int]:
@@ -40,17 +41,18 @@ def alive(pid: int) -> bool:
 
 def serving_processes(server: ServerProcess, connections: int = 48) -> set[int]:
     """The pids that answered /info, each request on a connection of its own, 8 at a time."""
+
     def info_pid(_) -> int:
         with httpx.Client(base_url=server.url, headers=server.http.headers) as client:
             return client.get("/info").json()["process"]["pid"]
+
     with ThreadPoolExecutor(8) as pool:
         return set(pool.map(info_pid, range(connections)))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("processes"),
-                       processes=2) as s:
+    with ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("processes"), processes=2) as s:
         s.wait_ready()
         yield s
 
@@ -58,8 +60,9 @@ def server(tiny_model_dir, tmp_path_factory):
 def test_both_processes_take_connections(server):
     expected = server_processes(server.proc.pid)
     assert len(expected) == 2
-    wait_until(lambda: serving_processes(server) == expected, "both processes to answer",
-               timeout=30)
+    wait_until(
+        lambda: serving_processes(server) == expected, "both processes to answer", timeout=30
+    )
 
 
 def test_every_process_answers_with_the_same_model(server, tiny_model_dir):
@@ -68,13 +71,15 @@ def test_every_process_answers_with_the_same_model(server, tiny_model_dir):
     def embed(image: bytes) -> tuple[str, list[float]]:
         """(the answering process's request-id prefix, the embedding)"""
         with httpx.Client(base_url=server.url, headers=server.http.headers) as client:
-            response = client.post("/embed", json={
-                "images": [base64.b64encode(image).decode()], "normalize": False})
+            response = client.post(
+                "/embed", json={"images": [base64.b64encode(image).decode()], "normalize": False}
+            )
             assert response.status_code == 200
             return response.headers["x-request-id"][:8], response.json()["embeddings"][0]
+
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(embed, images))
-    assert len({prefix for prefix, _ in answers}) == 2             # both processes answered
+    assert len({prefix for prefix, _ in answers}) == 2  # both processes answered
     expected = Reference(tiny_model_dir).embed(images)
     assert max(abs(a - b) for (_, v), e in zip(answers, expected) for a, b in zip(v, e)) < 1e-5
 
@@ -87,6 +92,7 @@ def test_metrics_add_up_over_the_processes(server):
     def embed(_) -> int:
         with httpx.Client(base_url=server.url, headers=server.http.headers) as client:
             return client.post("/embed", json={"images": [image, image]}).status_code
+
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(embed, range(24))) == {200}
     assert server.metric("simmim_requests_total", endpoint="/embed", status="200") == before + 24
@@ -102,8 +108,7 @@ def test_info_names_the_process_and_its_share_of_the_model_calls(server):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_the_server_drains_every_process_then_exits_0(tiny_model_dir, tmp_path,
-                                                                   sig):
+def test_a_signal_to_the_server_drains_every_process_then_exits_0(tiny_model_dir, tmp_path, sig):
     with ServerProcess(tiny_model_dir, tmp_path, processes=2, api_key=None) as server:
         server.wait_ready()
         pids = server_processes(server.proc.pid)
@@ -131,8 +136,7 @@ def test_a_process_that_dies_stops_the_server_with_status_1(tiny_model_dir, tmp_
         os.kill(victim, signal.SIGKILL)
         assert server.proc.wait(60) == 1
         assert not alive(survivor)
-        assert f"server process {victim} exited with status -9; stopping the others" \
-            in server.log()
+        assert f"server process {victim} exited with status -9; stopping the others" in server.log()
 
 
 def test_a_port_in_use_exits_1_naming_it(tiny_model_dir):
@@ -140,22 +144,38 @@ def test_a_port_in_use_exits_1_naming_it(tiny_model_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, str(LAUNCHER), "--model-dir",
-                                 str(tiny_model_dir), "--port", str(port), "--processes", "2"],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(LAUNCHER),
+                "--model-dir",
+                str(tiny_model_dir),
+                "--port",
+                str(port),
+                "--processes",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
 def test_ready_only_once_every_process_is_ready(tiny_model_dir):
     flags = [0, 0]
-    engine = Engine(Settings(model_dir=tiny_model_dir), load_model_dir(tiny_model_dir),
-                    Metrics(), Peers(0, flags))
-    engine.state = READY                   # as after loading, without starting the model
+    engine = Engine(
+        Settings(model_dir=tiny_model_dir),
+        load_model_dir(tiny_model_dir),
+        Metrics(),
+        Peers(0, flags),
+    )
+    engine.state = READY  # as after loading, without starting the model
     flags[0] = 1
     with pytest.raises(NotReady, match="1 of 2 server processes are ready"):
         engine.check_all_ready()
-    engine.check_ready()                   # its own requests are served meanwhile
+    engine.check_ready()  # its own requests are served meanwhile
     flags[1] = 1
     engine.check_all_ready()
 

@@ -1,4 +1,5 @@
 """Checkpoints as plain dicts (loadable with weights_only=True), written atomically."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,14 +27,22 @@ def save_atomic(obj: dict, path: Path) -> None:
         raise
 
 
-def checkpoint_dict(model, optimizer, step: int, epoch: int, train_cfg, preprocessing,
-                    data: str) -> dict:
+def checkpoint_dict(
+    model, optimizer, step: int, epoch: int, train_cfg, preprocessing, data: str
+) -> dict:
     """What `simmim pretrain` saves: plain tensors, numbers, strings and dicts only."""
-    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else {},
-            "step": step, "epoch": epoch, "model_config": model.cfg.to_dict(),
-            "train_config": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
-            "data": data, "rng": {"torch": torch.get_rng_state()}}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "step": step,
+        "epoch": epoch,
+        "model_config": model.cfg.to_dict(),
+        "train_config": train_cfg.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "data": data,
+        "rng": {"torch": torch.get_rng_state()},
+    }
 
 
 def state_digest(state: dict) -> str:
@@ -60,11 +69,13 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError...
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated "
-                              f"({type(e).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable or truncated ({type(e).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a simmim checkpoint (format "
-                              f"{CHECKPOINT_FORMAT} expected)")
+        raise CheckpointError(
+            f"{path} is not a simmim checkpoint (format {CHECKPOINT_FORMAT} expected)"
+        )
     return ckpt
 
 
@@ -75,17 +86,21 @@ def inference_model(checkpoint, pooling: str | None = None):
     Raises CheckpointError when the weights do not fit the recorded architecture.
     """
     from dataclasses import replace
-    from simmim_core.model import ModelConfig, SimMIM
+
+    from simmim_core.nn.model import ModelConfig, SimMIM
+
     ckpt = load_checkpoint(checkpoint)
     try:
         cfg = ModelConfig(**ckpt["model_config"])
         cfg = replace(cfg, sim_loss="none", pooling=pooling or cfg.pooling)
         model = SimMIM(cfg)
-        state = {k: v for k, v in ckpt["model"].items()
-                 if not k.startswith(("proj.", "ema_encoder."))}
+        state = {
+            k: v for k, v in ckpt["model"].items() if not k.startswith(("proj.", "ema_encoder."))
+        }
         model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {checkpoint} does not match its architecture: "
-                              f"{first[:200]}") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not match its architecture: {first[:200]}"
+        ) from None
     return model.eval(), ckpt

@@ -4,9 +4,11 @@ A data SPEC is one of:
   fashion-mnist[:train|:test]   the Debian package's idx files (labels available)
   synthetic[:N]                 N generated images of shapes (default 512; labels = shape kind)
   PATH                          a folder of images, searched recursively; subfolder = label
-Images are PIL images; augmentation is seeded per (seed, epoch, index), so a resumed run sees
-exactly the same pixels.
+`image(i)` gives a PIL image for augmentation; `encoded(i)` what the one preprocessing function
+takes (the file for a folder), so evaluation decodes exactly as the service does.
+Augmentation is seeded per (seed, epoch, index), so a resumed run sees exactly the same pixels.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -18,7 +20,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from service.preprocess import INTERPOLATIONS, ImageDecodeError, normalize, open_image, to_color_mode
+from simmim_core.preprocess import (
+    INTERPOLATIONS,
+    ImageDecodeError,
+    normalize,
+    open_image,
+    to_color_mode,
+)
 
 FMNIST_DIR = Path(os.environ.get("SIMMIM_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -29,7 +37,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -37,8 +45,10 @@ def _find(stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (FMNIST_DIR / name).exists():
             return FMNIST_DIR / name
-    raise FileNotFoundError(f"Fashion-MNIST file {stem} not found under {FMNIST_DIR} "
-                            "(apt-get install dataset-fashion-mnist, or set SIMMIM_FMNIST_DIR)")
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem} not found under {FMNIST_DIR} "
+        "(apt-get install dataset-fashion-mnist, or set SIMMIM_FMNIST_DIR)"
+    )
 
 
 class ArrayImages:
@@ -53,6 +63,10 @@ class ArrayImages:
 
     def image(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i], "L")
+
+    def encoded(self, i: int) -> Image.Image:
+        """What preprocess_image takes for image i (here the in-memory image itself)."""
+        return self.image(i)
 
 
 class FolderImages:
@@ -69,8 +83,10 @@ class FolderImages:
                 self.skipped += 1
         if not self.files:
             raise ValueError(f"no readable images under {root} ({self.skipped} unreadable)")
-        names = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else ""
-                 for p in self.files]
+        names = [
+            p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else ""
+            for p in self.files
+        ]
         self.classes = sorted(set(names))
         self.labels = np.array([self.classes.index(n) for n in names])
 
@@ -79,6 +95,11 @@ class FolderImages:
 
     def image(self, i: int) -> Image.Image:
         return open_image(self.files[i])
+
+    def encoded(self, i: int) -> Path:
+        """What preprocess_image takes for image i: the file, decoded exactly as the service
+        decodes its bytes (JPEG draft scale included)."""
+        return self.files[i]
 
 
 def synthetic_images(n: int, size: int = 64, seed: int = 0) -> ArrayImages:
@@ -102,7 +123,7 @@ def synthetic_images(n: int, size: int = 64, seed: int = 0) -> ArrayImages:
     return ArrayImages(images, labels, ["ellipse", "rectangle", "triangle"])
 
 
-def load_images(spec: str, split: str = "train"):
+def open_dataset(spec: str, split: str = "train"):
     """Resolve a data SPEC (see the module docstring) to an image source with `image(i)`."""
     name, _, arg = spec.partition(":")
     if name == "fashion-mnist":
@@ -110,11 +131,23 @@ def load_images(spec: str, split: str = "train"):
         prefix = {"train": "train", "test": "t10k"}.get(split)
         if prefix is None:
             raise ValueError(f"fashion-mnist split must be train or test, not {split!r}")
-        classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot"]
-        return ArrayImages(_read_idx(_find(f"{prefix}-images-idx3-ubyte")),
-                           _read_idx(_find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64),
-                           classes)
+        classes = [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]
+        return ArrayImages(
+            _read_idx(_find(f"{prefix}-images-idx3-ubyte")),
+            _read_idx(_find(f"{prefix}-labels-idx1-ubyte")).astype(np.int64),
+            classes,
+        )
     if name == "synthetic":
         n = int(arg) if arg else 512
         return synthetic_images(n, seed={"train": 0, "test": 1}.get(split, 0))
@@ -124,9 +157,14 @@ def load_images(spec: str, split: str = "train"):
     return FolderImages(path)
 
 
-def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int,
-                        scale: tuple[float, float], ratio: tuple[float, float],
-                        interpolation: str) -> Image.Image:
+def random_resized_crop(
+    img: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    interpolation: str,
+) -> Image.Image:
     """torchvision's RandomResizedCrop, drawn from `rng` so that it is reproducible."""
     W, H = img.size
     area = W * H
@@ -143,27 +181,36 @@ def random_resized_crop(img: Image.Image, rng: np.random.Generator, size: int,
         w, h = (W, round(W / aspect)) if W / H < aspect else (round(H * aspect), H)
         w, h = min(w, W), min(h, H)
         left, top = (W - w) // 2, (H - h) // 2
-    return img.resize((size, size), INTERPOLATIONS[interpolation],
-                      box=(left, top, left + w, top + h))
+    return img.resize(
+        (size, size), INTERPOLATIONS[interpolation], box=(left, top, left + w, top + h)
+    )
 
 
 class PretrainDataset(torch.utils.data.Dataset):
     """Augmented views for pretraining: [C, S, S] float32, or two views when two_views."""
 
     def __init__(self, source, size: int, color_mode: str, train_cfg, two_views: bool):
-        from service.preprocess import Preprocessing
+        from simmim_core.preprocess import Preprocessing
+
         self.source, self.size, self.color_mode, self.cfg = source, size, color_mode, train_cfg
         self.two_views = two_views
         self.epoch = 0
-        self.norm = Preprocessing(color_mode, size, size, train_cfg.interpolation,
-                                  tuple(train_cfg.mean), tuple(train_cfg.std))
+        self.norm = Preprocessing(
+            color_mode,
+            size,
+            size,
+            train_cfg.interpolation,
+            tuple(train_cfg.mean),
+            tuple(train_cfg.std),
+        )
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _view(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        view = random_resized_crop(img, rng, self.size, self.cfg.crop_scale, self.cfg.crop_ratio,
-                                   self.cfg.interpolation)
+        view = random_resized_crop(
+            img, rng, self.size, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.interpolation
+        )
         if self.cfg.hflip and rng.random() < 0.5:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(normalize(np.asarray(view), self.norm))
@@ -175,12 +222,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         return (first, self._view(img, rng)) if self.two_views else (first,)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
     """This rank's batches of one epoch: a seeded permutation, split across ranks, full batches
     only (drop_last, as SimMIM)."""
     order = np.random.default_rng([seed, epoch, 7]).permutation(n)
     per_rank = n // world
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
     k = len(mine) // batch_size
-    return [mine[j * batch_size:(j + 1) * batch_size].tolist() for j in range(k)]
+    return [mine[j * batch_size : (j + 1) * batch_size].tolist() for j in range(k)]

@@ -1,8 +1,9 @@
 """`simmim evaluate`: kNN and linear-probe top-1 of embeddings on a labeled set.
 
 Embeddings come from a checkpoint (PyTorch), a model directory (onnxruntime) or raw pixels, all
-through the one preprocessing function (service.preprocess).
+through the one preprocessing function (simmim_core.preprocess).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,40 +17,53 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from service.preprocess import Preprocessing, preprocess
-from .data import load_images
+from simmim_core.preprocess import Preprocessing, preprocess
+
+from .data import open_dataset
 
 
-def batched_embed(source, spec: Preprocessing, fn, batch_size: int, progress: bool,
-                  desc: str) -> np.ndarray:
+def batched_embed(
+    source, spec: Preprocessing, fn, batch_size: int, progress: bool, desc: str
+) -> np.ndarray:
     """fn(pixels float32 [B, C, H, W]) -> [B, D] over every image of `source`; float32 [N, D]."""
     out = []
-    for start in tqdm(range(0, len(source), batch_size), desc=desc, disable=not progress,
-                      unit="batch", dynamic_ncols=True):
+    for start in tqdm(
+        range(0, len(source), batch_size),
+        desc=desc,
+        disable=not progress,
+        unit="batch",
+        dynamic_ncols=True,
+    ):
         idx = range(start, min(start + batch_size, len(source)))
-        out.append(np.asarray(fn(preprocess([source.image(i) for i in idx], spec)),
-                              dtype=np.float32))
+        out.append(
+            np.asarray(fn(preprocess([source.encoded(i) for i in idx], spec)), dtype=np.float32)
+        )
     return np.concatenate(out)
 
 
 def checkpoint_embedder(path, pooling: str | None = None):
     """(preprocessing, fn) for a training checkpoint, run in PyTorch on the CPU."""
     from .checkpoint import inference_model
+
     model, ckpt = inference_model(path, pooling)
 
     @torch.no_grad()
     def fn(pixels):
         return model.embed(torch.from_numpy(pixels)).numpy()
+
     return Preprocessing.from_dict(ckpt["preprocessing"]), fn
 
 
 def model_dir_embedder(path, int8: bool = False):
     """(preprocessing, fn) for an exported model directory, run by onnxruntime."""
     import onnxruntime as ort
-    from service.model_dir import ENCODER, ENCODER_INT8, load_model_dir
+
+    from simmim_core.model_dir import ENCODER, ENCODER_INT8, load_model_dir
+
     md = load_model_dir(path)
-    session = ort.InferenceSession(str(md.file(ENCODER_INT8 if int8 else ENCODER)),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(md.file(ENCODER_INT8 if int8 else ENCODER)), providers=["CPUExecutionProvider"]
+    )
     return md.preprocessing, lambda pixels: session.run(["embedding"], {"pixels": pixels})[0]
 
 
@@ -58,9 +72,15 @@ def pixel_embedder(spec: Preprocessing):
     return spec, lambda pixels: pixels.reshape(len(pixels), -1)
 
 
-def knn_top1(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
-             query_labels: np.ndarray, k: int = 20, temperature: float = 0.07,
-             chunk: int = 1024) -> float:
+def knn_top1(
+    bank: np.ndarray,
+    bank_labels: np.ndarray,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """Weighted kNN top-1: cosine similarity, the k nearest vote with weight exp(sim / T)."""
     k = min(k, len(bank))
     bank_t = F.normalize(torch.from_numpy(bank), dim=1)
@@ -68,16 +88,23 @@ def knn_top1(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
     labels_t = torch.from_numpy(bank_labels).long()
     correct = 0
     for start in range(0, len(queries), chunk):
-        q = F.normalize(torch.from_numpy(queries[start:start + chunk]), dim=1)
-        sim, idx = (q @ bank_t.T).topk(k, dim=1)                          # [B, k]
-        votes = torch.zeros(len(q), n_classes).scatter_add_(1, labels_t[idx],
-                                                             (sim / temperature).exp())
-        correct += (votes.argmax(1).numpy() == query_labels[start:start + chunk]).sum()
+        q = F.normalize(torch.from_numpy(queries[start : start + chunk]), dim=1)
+        sim, idx = (q @ bank_t.T).topk(k, dim=1)  # [B, k]
+        votes = torch.zeros(len(q), n_classes).scatter_add_(
+            1, labels_t[idx], (sim / temperature).exp()
+        )
+        correct += (votes.argmax(1).numpy() == query_labels[start : start + chunk]).sum()
     return float(correct) / len(queries)
 
 
-def linear_probe_top1(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-                      test_labels: np.ndarray, epochs: int = 30, seed: int = 0) -> float:
+def linear_probe_top1(
+    train: np.ndarray,
+    train_labels: np.ndarray,
+    test: np.ndarray,
+    test_labels: np.ndarray,
+    epochs: int = 30,
+    seed: int = 0,
+) -> float:
     """Softmax regression on standardised frozen embeddings (AdamW, cosine lr, batch 256)."""
     g = torch.Generator().manual_seed(seed)
     mean, std = train.mean(0), train.std(0) + 1e-6
@@ -86,7 +113,7 @@ def linear_probe_top1(train: np.ndarray, train_labels: np.ndarray, test: np.ndar
     y = torch.from_numpy(train_labels).long()
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     head = torch.nn.Linear(x.shape[1], n_classes)
-    torch.nn.init.zeros_(head.weight)       # start from "no opinion", not a random guess
+    torch.nn.init.zeros_(head.weight)  # start from "no opinion", not a random guess
     torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     steps = epochs * ((len(x) + 255) // 256)
@@ -106,30 +133,43 @@ def split_labeled(spec: str, test_spec: str | None):
     """(bank, queries) image sources: fashion-mnist train/test, or a folder (+ test folder)."""
     name = spec.partition(":")[0]
     if name == "fashion-mnist":
-        return load_images(name, "train"), load_images(name, "test")
-    if name == "synthetic":                   # synthetic:N keeps its N for both splits
-        return load_images(spec, "train"), load_images(spec, "test")
+        return open_dataset(name, "train"), open_dataset(name, "test")
+    if name == "synthetic":  # synthetic:N keeps its N for both splits
+        return open_dataset(spec, "train"), open_dataset(spec, "test")
     if test_spec is None:
         sys.exit("simmim evaluate: a folder needs --test-data (a folder with the same classes)")
-    return load_images(spec), load_images(test_spec)
+    return open_dataset(spec), open_dataset(test_spec)
 
 
-def evaluate(embedder, bank_src, query_src, k: int, temperature: float, probe_epochs: int,
-             batch_size: int = 512, progress: bool = True) -> dict:
+def evaluate(
+    embedder,
+    bank_src,
+    query_src,
+    k: int,
+    temperature: float,
+    probe_epochs: int,
+    batch_size: int = 512,
+    progress: bool = True,
+) -> dict:
     """Embed both sets and measure kNN and linear-probe top-1."""
     spec, fn = embedder
     t0 = time.perf_counter()
     bank = batched_embed(bank_src, spec, fn, batch_size, progress, "embed train")
     queries = batched_embed(query_src, spec, fn, batch_size, progress, "embed test")
     seconds = time.perf_counter() - t0
-    report = {"knn_top1": knn_top1(bank, bank_src.labels, queries, query_src.labels, k,
-                                   temperature),
-              "k": k, "knn_temperature": temperature, "embedding_dim": int(bank.shape[1]),
-              "train_images": len(bank), "test_images": len(queries),
-              "embed_seconds": round(seconds, 1)}
+    report = {
+        "knn_top1": knn_top1(bank, bank_src.labels, queries, query_src.labels, k, temperature),
+        "k": k,
+        "knn_temperature": temperature,
+        "embedding_dim": int(bank.shape[1]),
+        "train_images": len(bank),
+        "test_images": len(queries),
+        "embed_seconds": round(seconds, 1),
+    }
     if probe_epochs > 0:
-        report["linear_probe_top1"] = linear_probe_top1(bank, bank_src.labels, queries,
-                                                        query_src.labels, probe_epochs)
+        report["linear_probe_top1"] = linear_probe_top1(
+            bank, bank_src.labels, queries, query_src.labels, probe_epochs
+        )
         report["probe_epochs"] = probe_epochs
     return report
 
@@ -138,19 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simmim evaluate",
         description="kNN (cosine, temperature-weighted votes) and linear-probe top-1 of an "
-                    "encoder's embeddings; the training split is the kNN bank and the probe's "
-                    "training set, the test split is scored.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "encoder's embeddings; the training split is the kNN bank and the probe's "
+        "training set, the test split is scored.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run folder or checkpoint.pt (PyTorch)")
     src.add_argument("--model-dir", help="an exported model directory (onnxruntime)")
-    src.add_argument("--pixels", action="store_true",
-                     help="raw pixels as embeddings (baseline); needs --image-size")
-    p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, synthetic, or a folder with one subfolder per class")
+    src.add_argument(
+        "--pixels",
+        action="store_true",
+        help="raw pixels as embeddings (baseline); needs --image-size",
+    )
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist, synthetic, or a folder with one subfolder per class",
+    )
     p.add_argument("--test-data", help="test folder (when --data is a folder)")
-    p.add_argument("--pooling", help="with --checkpoint: override the embedding pooling "
-                   "(mean, cls, gridK)")
+    p.add_argument(
+        "--pooling", help="with --checkpoint: override the embedding pooling (mean, cls, gridK)"
+    )
     p.add_argument("--int8", action="store_true", help="use encoder.int8.onnx of --model-dir")
     p.add_argument("--image-size", type=int, default=32, help="pixel baseline: image size")
     p.add_argument("--k", type=int, default=20, help="neighbours that vote")
@@ -172,13 +220,26 @@ def main(argv=None) -> int:
         what = {"model_dir": args.model_dir, "int8": args.int8}
     else:
         from .presets import FMNIST_MEAN, FMNIST_STD
-        embedder = pixel_embedder(Preprocessing("L", args.image_size, args.image_size, "bicubic",
-                                                FMNIST_MEAN, FMNIST_STD))
+
+        embedder = pixel_embedder(
+            Preprocessing("L", args.image_size, args.image_size, "bicubic", FMNIST_MEAN, FMNIST_STD)
+        )
         what = {"pixels": True}
     bank_src, query_src = split_labeled(args.data, args.test_data)
-    report = {**what, "data": args.data,
-              **evaluate(embedder, bank_src, query_src, args.k, args.temperature,
-                         args.probe_epochs, args.batch_size, not args.no_progress)}
+    report = {
+        **what,
+        "data": args.data,
+        **evaluate(
+            embedder,
+            bank_src,
+            query_src,
+            args.k,
+            args.temperature,
+            args.probe_epochs,
+            args.batch_size,
+            not args.no_progress,
+        ),
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -3,6 +3,7 @@
 The directory is assembled in a temporary folder beside --out and renamed into place only
 after every check passed, so a failure never leaves a partial model directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,14 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.model_dir import (CARD, ENCODER, ENCODER_INT8, FORMAT_VERSION, RECONSTRUCT,
-                               load_model_dir, sha256_file)
-from service.preprocess import Preprocessing, preprocess
 from simmim_core.masking import block_mask
-from simmim_core.model import SimMIM
+from simmim_core.model_dir import (
+    CARD,
+    ENCODER,
+    ENCODER_INT8,
+    FORMAT_VERSION,
+    RECONSTRUCT,
+    load_model_dir,
+    sha256_file,
+)
+from simmim_core.nn.model import SimMIM
+from simmim_core.preprocess import Preprocessing, preprocess
+
 from .checkpoint import CheckpointError, inference_model
 
-OPSETS = range(18, 24)           # what torch.onnx's dynamo exporter emits and onnxruntime runs
+OPSETS = range(18, 24)  # what torch.onnx's dynamo exporter emits and onnxruntime runs
 EMBED_ATOL, RECON_ATOL = 1e-4, 1e-3
 
 
@@ -64,33 +73,50 @@ def _onnx_export(module, args: tuple, path: Path, inputs: list[str], output: str
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=[output],
-                          dynamic_shapes=tuple({0: batch} for _ in args), opset_version=opset,
-                          dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=[output],
+            dynamic_shapes=tuple({0: batch} for _ in args),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
 
 
 def ort_version() -> str:
     import onnxruntime as ort
+
     return ort.__version__
 
 
 def parity_images(data: str | None, n: int, size: int, seed: int = 0) -> list:
     """n real images from `data` (when readable) plus n random-noise images, as PIL images."""
     from PIL import Image
-    from .data import load_images
+
+    from .data import open_dataset
+
     rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 256, (size + 5, size + 9, 3), dtype=np.uint8))
-              for _ in range(n)]
+    images = [
+        Image.fromarray(rng.integers(0, 256, (size + 5, size + 9, 3), dtype=np.uint8))
+        for _ in range(n)
+    ]
     if data:
-        source = load_images(data, "test" if data.startswith("fashion-mnist") else "train")
-        images += [source.image(int(i)) for i in rng.choice(len(source), min(n, len(source)),
-                                                            replace=False)]
+        source = open_dataset(data, "test" if data.startswith("fashion-mnist") else "train")
+        images += [
+            source.encoded(int(i))
+            for i in rng.choice(len(source), min(n, len(source)), replace=False)
+        ]
     return images
 
 
 def check_parity(model: SimMIM, folder: Path, pixels: np.ndarray, mask: np.ndarray) -> dict:
     """onnxruntime vs PyTorch on the same pixels; raise ExportError past the tolerances."""
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
     enc = ort.InferenceSession(str(folder / ENCODER), opts, providers=["CPUExecutionProvider"])
     rec = ort.InferenceSession(str(folder / RECONSTRUCT), opts, providers=["CPUExecutionProvider"])
@@ -99,16 +125,23 @@ def check_parity(model: SimMIM, folder: Path, pixels: np.ndarray, mask: np.ndarr
         t_rec = model.reconstruct(torch.from_numpy(pixels), torch.from_numpy(mask)).numpy()
     o_emb = enc.run(["embedding"], {"pixels": pixels})[0]
     o_rec = rec.run(["reconstruction"], {"pixels": pixels, "mask": mask})[0]
-    report = {"images": int(len(pixels)),
-              "embedding_max_abs_diff": float(np.abs(o_emb - t_emb).max()),
-              "reconstruction_max_abs_diff": float(np.abs(o_rec - t_rec).max()),
-              "embedding_atol": EMBED_ATOL, "reconstruction_atol": RECON_ATOL}
-    if not (report["embedding_max_abs_diff"] <= EMBED_ATOL
-            and report["reconstruction_max_abs_diff"] <= RECON_ATOL):
-        raise ExportError(f"parity check failed: onnxruntime vs PyTorch max |diff| "
-                          f"embedding {report['embedding_max_abs_diff']:.3g} (limit {EMBED_ATOL}), "
-                          f"reconstruction {report['reconstruction_max_abs_diff']:.3g} "
-                          f"(limit {RECON_ATOL}) on {len(pixels)} images")
+    report = {
+        "images": int(len(pixels)),
+        "embedding_max_abs_diff": float(np.abs(o_emb - t_emb).max()),
+        "reconstruction_max_abs_diff": float(np.abs(o_rec - t_rec).max()),
+        "embedding_atol": EMBED_ATOL,
+        "reconstruction_atol": RECON_ATOL,
+    }
+    if not (
+        report["embedding_max_abs_diff"] <= EMBED_ATOL
+        and report["reconstruction_max_abs_diff"] <= RECON_ATOL
+    ):
+        raise ExportError(
+            f"parity check failed: onnxruntime vs PyTorch max |diff| "
+            f"embedding {report['embedding_max_abs_diff']:.3g} (limit {EMBED_ATOL}), "
+            f"reconstruction {report['reconstruction_max_abs_diff']:.3g} "
+            f"(limit {RECON_ATOL}) on {len(pixels)} images"
+        )
     return report
 
 
@@ -117,6 +150,7 @@ def quantize_int8(folder: Path, pixels: np.ndarray) -> dict:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
     prepared = folder / "encoder.prep.onnx"
     quant_pre_process(str(folder / ENCODER), str(prepared), skip_symbolic_shape=True)
     quantize_dynamic(str(prepared), str(folder / ENCODER_INT8), weight_type=QuantType.QInt8)
@@ -126,31 +160,55 @@ def quantize_int8(folder: Path, pixels: np.ndarray) -> dict:
     a = fp32.run(["embedding"], {"pixels": pixels})[0]
     b = int8.run(["embedding"], {"pixels": pixels})[0]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    return {"images": int(len(pixels)), "cosine_to_fp32_mean": float(cos.mean()),
-            "cosine_to_fp32_min": float(cos.min())}
+    return {
+        "images": int(len(pixels)),
+        "cosine_to_fp32_mean": float(cos.mean()),
+        "cosine_to_fp32_min": float(cos.min()),
+    }
 
 
 def _run_info(checkpoint: Path, ckpt: dict) -> dict:
     """How the checkpoint was made, from the run folder's config.json and metrics.jsonl."""
     run = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    info = {"data": ckpt.get("data"), "steps": ckpt.get("step"), "epochs": ckpt.get("epoch"),
-            "seed": ckpt["train_config"].get("seed"), "train_config": ckpt["train_config"]}
+    info = {
+        "data": ckpt.get("data"),
+        "steps": ckpt.get("step"),
+        "epochs": ckpt.get("epoch"),
+        "seed": ckpt["train_config"].get("seed"),
+        "train_config": ckpt["train_config"],
+    }
     if (run / "config.json").is_file():
         config = json.loads((run / "config.json").read_text())
-        info.update(command=config.get("command"), images=config.get("images"),
-                    world_size=config.get("world_size"), device=config.get("device"))
+        info.update(
+            command=config.get("command"),
+            images=config.get("images"),
+            world_size=config.get("world_size"),
+            device=config.get("device"),
+        )
     if (run / "metrics.jsonl").is_file():
-        done = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-                if '"done"' in line]
+        done = [
+            json.loads(line)
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"done"' in line
+        ]
         if done:
             info["duration_s"] = done[-1]["seconds"]
     return info
 
 
-def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 18,
-                     name: str | None = None, parity_data: str | None = None,
-                     eval_data: str | None = None, pooling: str | None = None,
-                     progress: bool = False, command: str | None = None) -> Path:
+def export_model_dir(
+    checkpoint,
+    out: Path,
+    *,
+    int8: bool = False,
+    opset: int = 18,
+    name: str | None = None,
+    parity_data: str | None = None,
+    eval_data: str | None = None,
+    pooling: str | None = None,
+    progress: bool = False,
+    command: str | None = None,
+) -> Path:
     """Export `checkpoint` (a run folder or .pt) to the model directory `out`; returns `out`.
 
     command: the command line that asked for this export, recorded in model.json.
@@ -159,8 +217,9 @@ def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 
     if out.exists():
         raise ExportError(f"output folder {out} already exists; choose a new --out")
     if opset not in OPSETS:
-        raise ExportError(f"opset {opset} is not supported; choose one of "
-                          f"{OPSETS.start}..{OPSETS.stop - 1}")
+        raise ExportError(
+            f"opset {opset} is not supported; choose one of {OPSETS.start}..{OPSETS.stop - 1}"
+        )
     model, ckpt = inference_model(checkpoint, pooling)
     cfg = model.cfg
     spec = Preprocessing.from_dict(ckpt["preprocessing"])
@@ -171,49 +230,84 @@ def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 
         example = torch.randn(2, cfg.in_chans, cfg.image_size, cfg.image_size)
         grid = model.encoder.grid
         example_mask = torch.zeros(2, *grid)
-        _onnx_export(EncoderGraph(model), (example,), tmp / ENCODER, ["pixels"], "embedding",
-                     opset)
-        _onnx_export(ReconstructGraph(model), (example, example_mask), tmp / RECONSTRUCT,
-                     ["pixels", "mask"], "reconstruction", opset)
+        _onnx_export(EncoderGraph(model), (example,), tmp / ENCODER, ["pixels"], "embedding", opset)
+        _onnx_export(
+            ReconstructGraph(model),
+            (example, example_mask),
+            tmp / RECONSTRUCT,
+            ["pixels", "mask"],
+            "reconstruction",
+            opset,
+        )
         export_seconds = time.perf_counter() - t0
-        pixels = preprocess(parity_images(parity_data or ckpt.get("data"), 16,
-                                          cfg.image_size), spec)
-        mask = block_mask(np.random.default_rng(0), len(pixels), cfg.image_size,
-                          cfg.mask_patch_size, model.patch_size, cfg.mask_ratio)
+        pixels = preprocess(
+            parity_images(parity_data or ckpt.get("data"), 16, cfg.image_size), spec
+        )
+        mask = block_mask(
+            np.random.default_rng(0),
+            len(pixels),
+            cfg.image_size,
+            cfg.mask_patch_size,
+            model.patch_size,
+            cfg.mask_ratio,
+        )
         parity = check_parity(model, tmp, pixels, mask.astype(np.float32))
         card = {
             "format_version": FORMAT_VERSION,
             "name": name or out.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "encoder": {"family": cfg.family, "arch": cfg.arch, "kwargs": cfg.encoder_kwargs,
-                        "embed_dim": model.embed_dim, "patch_size": model.patch_size,
-                        "stride": model.encoder.stride, "mask_grid": list(grid),
-                        "parameters": sum(p.numel() for p in model.encoder.parameters())},
-            "in_chans": cfg.in_chans, "image_size": cfg.image_size,
-            "patch_size": model.patch_size, "mask_patch_size": cfg.mask_patch_size,
-            "mask_ratio": cfg.mask_ratio, "mask_dtype": "float32",
+            "encoder": {
+                "family": cfg.family,
+                "arch": cfg.arch,
+                "kwargs": cfg.encoder_kwargs,
+                "embed_dim": model.embed_dim,
+                "patch_size": model.patch_size,
+                "stride": model.encoder.stride,
+                "mask_grid": list(grid),
+                "parameters": sum(p.numel() for p in model.encoder.parameters()),
+            },
+            "in_chans": cfg.in_chans,
+            "image_size": cfg.image_size,
+            "patch_size": model.patch_size,
+            "mask_patch_size": cfg.mask_patch_size,
+            "mask_ratio": cfg.mask_ratio,
+            "mask_dtype": "float32",
             "preprocessing": spec.to_dict(),
-            "embedding_dim": model.embedding_dim, "pooling": cfg.pooling,
-            "pretraining": {"sim_loss": cfg.sim_loss, "sim_lambda": cfg.sim_lambda,
-                            "rec_loss": cfg.rec_loss, "decoder": cfg.decoder,
-                            "mask_kind": cfg.mask_kind},
+            "embedding_dim": model.embedding_dim,
+            "pooling": cfg.pooling,
+            "pretraining": {
+                "sim_loss": cfg.sim_loss,
+                "sim_lambda": cfg.sim_lambda,
+                "rec_loss": cfg.rec_loss,
+                "decoder": cfg.decoder,
+                "mask_kind": cfg.mask_kind,
+            },
             "training": _run_info(checkpoint, ckpt),
-            "export": {"command": command, "opset": opset, "torch": torch.__version__,
-                       "onnxruntime": ort_version(), "exporter": "dynamo",
-                       "seconds": round(export_seconds, 1), "parity": parity},
+            "export": {
+                "command": command,
+                "opset": opset,
+                "torch": torch.__version__,
+                "onnxruntime": ort_version(),
+                "exporter": "dynamo",
+                "seconds": round(export_seconds, 1),
+                "parity": parity,
+            },
             "evaluation": {},
             "files": {},
         }
         if int8:
             card["export"]["int8"] = quantize_int8(tmp, pixels)
-        card["files"] = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
-                         for f in (ENCODER, RECONSTRUCT, ENCODER_INT8) if (tmp / f).exists()}
+        card["files"] = {
+            f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
+            for f in (ENCODER, RECONSTRUCT, ENCODER_INT8)
+            if (tmp / f).exists()
+        }
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
         if eval_data:
             card["evaluation"] = evaluate_dir(tmp, eval_data, int8, progress)
             (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
-        load_model_dir(tmp)                                   # the service's own checks
-        tmp.chmod(0o755)                                      # mkdtemp made it private
+        load_model_dir(tmp)  # the service's own checks
+        tmp.chmod(0o755)  # mkdtemp made it private
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,12 +318,18 @@ def export_model_dir(checkpoint, out: Path, *, int8: bool = False, opset: int = 
 def evaluate_dir(folder: Path, data: str, int8: bool, progress: bool) -> dict:
     """kNN and linear-probe top-1 through the exported ONNX files and the shared preprocessing."""
     from .evaluate import evaluate, model_dir_embedder, split_labeled
+
     bank, queries = split_labeled(data, None)
-    result = {"data": data, "fp32": evaluate(model_dir_embedder(folder), bank, queries, 20,
-                                             0.07, 30, progress=progress)}
+    result = {
+        "data": data,
+        "fp32": evaluate(
+            model_dir_embedder(folder), bank, queries, 20, 0.07, 30, progress=progress
+        ),
+    }
     if int8:
-        result["int8"] = evaluate(model_dir_embedder(folder, int8=True), bank, queries, 20, 0.07,
-                                  30, progress=progress)
+        result["int8"] = evaluate(
+            model_dir_embedder(folder, int8=True), bank, queries, 20, 0.07, 30, progress=progress
+        )
     return result
 
 
@@ -237,22 +337,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simmim export",
         description="Export a pretraining checkpoint to a model directory: encoder.onnx, "
-                    "reconstruct.onnx, model.json (and encoder.int8.onnx). Parity with PyTorch "
-                    "is checked on random and real images; a failed check fails the export.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "reconstruct.onnx, model.json (and encoder.int8.onnx). Parity with PyTorch "
+        "is checked on random and real images; a failed check fails the export.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("checkpoint", type=Path, help="a run folder (its checkpoint.pt) or a .pt file")
-    p.add_argument("--out", type=Path, required=True, help="model directory to create (must not exist)")
-    p.add_argument("--int8", action="store_true",
-                   help="also write encoder.int8.onnx (onnxruntime dynamic quantisation)")
-    p.add_argument("--opset", type=int, default=18,
-                   help=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1}")
+    p.add_argument(
+        "--out", type=Path, required=True, help="model directory to create (must not exist)"
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write encoder.int8.onnx (onnxruntime dynamic quantisation)",
+    )
+    p.add_argument(
+        "--opset", type=int, default=18, help=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1}"
+    )
     p.add_argument("--name", help="model name in model.json (default: the folder name)")
-    p.add_argument("--parity-data", help="data SPEC for the real-image parity check "
-                   "(default: the checkpoint's training data)")
-    p.add_argument("--eval-data", help="labeled data SPEC (e.g. fashion-mnist): measure kNN and "
-                   "linear-probe top-1 through the ONNX files and record them in model.json")
-    p.add_argument("--pooling", help="embedding pooling of encoder.onnx, overriding the "
-                   "checkpoint's: mean, cls (ViT) or gridK (K x K average grid, flattened)")
+    p.add_argument(
+        "--parity-data",
+        help="data SPEC for the real-image parity check (default: the checkpoint's training data)",
+    )
+    p.add_argument(
+        "--eval-data",
+        help="labeled data SPEC (e.g. fashion-mnist): measure kNN and "
+        "linear-probe top-1 through the ONNX files and record them in model.json",
+    )
+    p.add_argument(
+        "--pooling",
+        help="embedding pooling of encoder.onnx, overriding the "
+        "checkpoint's: mean, cls (ViT) or gridK (K x K average grid, flattened)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -260,24 +375,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export_model_dir(args.checkpoint, args.out, int8=args.int8, opset=args.opset,
-                               name=args.name, parity_data=args.parity_data,
-                               eval_data=args.eval_data, pooling=args.pooling,
-                               progress=not args.no_progress,
-                               command="simmim export " + shlex.join(
-                                   sys.argv[2:] if argv is None else argv))
+        out = export_model_dir(
+            args.checkpoint,
+            args.out,
+            int8=args.int8,
+            opset=args.opset,
+            name=args.name,
+            parity_data=args.parity_data,
+            eval_data=args.eval_data,
+            pooling=args.pooling,
+            progress=not args.no_progress,
+            command="simmim export " + shlex.join(sys.argv[2:] if argv is None else argv),
+        )
     except (ExportError, CheckpointError) as e:
         print(f"simmim export: {e}", file=sys.stderr)
         return 1
     card = json.loads((out / CARD).read_text())
     parity = card["export"]["parity"]
-    print(f"wrote {out}: embedding_dim {card['embedding_dim']}, parity max |diff| embedding "
-          f"{parity['embedding_max_abs_diff']:.2g}, reconstruction "
-          f"{parity['reconstruction_max_abs_diff']:.2g}")
+    print(
+        f"wrote {out}: embedding_dim {card['embedding_dim']}, parity max |diff| embedding "
+        f"{parity['embedding_max_abs_diff']:.2g}, reconstruction "
+        f"{parity['reconstruction_max_abs_diff']:.2g}"
+    )
     if "int8" in card["export"]:
         q = card["export"]["int8"]
-        print(f"int8 cosine to fp32: mean {q['cosine_to_fp32_mean']:.4f}, "
-              f"min {q['cosine_to_fp32_min']:.4f}")
+        print(
+            f"int8 cosine to fp32: mean {q['cosine_to_fp32_mean']:.4f}, "
+            f"min {q['cosine_to_fp32_min']:.4f}"
+        )
     if card["evaluation"]:
         print(json.dumps(card["evaluation"], indent=2))
     return 0

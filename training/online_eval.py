@@ -7,6 +7,7 @@ embedding, for the same features PCA-whitened (fitted on the bank), and, for a V
 tokens after every block with mean and the configured pooling. It takes seconds, so it can run
 every epoch (lightly's online kNN is the anchor).
 """
+
 from __future__ import annotations
 
 import time
@@ -23,18 +24,28 @@ WHITEN_DIM = 256
 class OnlineKNN:
     """source: an image source with labels; spec: the run's evaluation preprocessing."""
 
-    def __init__(self, source, spec, bank: int = 10_000, queries: int = 2_000, seed: int = 0,
-                 batch_size: int = 512):
-        from service.preprocess import preprocess
+    def __init__(
+        self,
+        source,
+        spec,
+        bank: int = 10_000,
+        queries: int = 2_000,
+        seed: int = 0,
+        batch_size: int = 512,
+    ):
+        from simmim_core.preprocess import preprocess
+
         labels = getattr(source, "labels", None)
         if labels is None or len(np.unique(labels)) < 2:
-            raise ValueError("online kNN needs labelled data: fashion-mnist, or a folder with "
-                             "one subfolder per class")
+            raise ValueError(
+                "online kNN needs labelled data: fashion-mnist, or a folder with "
+                "one subfolder per class"
+            )
         n = len(source)
-        if n < bank + queries:                        # small data: 5 bank images per query
+        if n < bank + queries:  # small data: 5 bank images per query
             bank, queries = n - n // 6, n // 6
         order = np.random.default_rng([seed, 5]).permutation(n)
-        self.bank_idx, self.query_idx = order[:bank], order[bank:bank + queries]
+        self.bank_idx, self.query_idx = order[:bank], order[bank : bank + queries]
         self.labels = np.asarray(labels)
         self.source, self.spec, self.batch_size = source, spec, batch_size
         self._preprocess = preprocess
@@ -44,9 +55,10 @@ class OnlineKNN:
         out: dict[str, list] = {}
         cfg = model.cfg
         for start in range(0, len(idx), self.batch_size):
-            batch = idx[start:start + self.batch_size]
-            pixels = torch.from_numpy(self._preprocess(
-                [self.source.image(int(i)) for i in batch], self.spec)).to(device)
+            batch = idx[start : start + self.batch_size]
+            pixels = torch.from_numpy(
+                self._preprocess([self.source.encoded(int(i)) for i in batch], self.spec)
+            ).to(device)
             for name, value in self._variants(model, cfg, pixels):
                 out.setdefault(name, []).append(value.float().cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
@@ -86,9 +98,14 @@ class OnlineKNN:
         scores = {name: knn_top1(bank[name], yb, queries[name], yq) for name in bank}
         dim = min(WHITEN_DIM, bank["embedding"].shape[1], len(self.bank_idx))
         whiten = fit_projection(bank["embedding"], "pca-whiten", dim)
-        return {"knn_top1": scores.pop("embedding"),
-                "knn_top1_whitened": knn_top1(whiten(bank["embedding"]), yb,
-                                              whiten(queries["embedding"]), yq),
-                "whitened_dim": dim, "knn_by_feature": scores,
-                "eval_bank": len(self.bank_idx), "eval_queries": len(self.query_idx),
-                "eval_seconds": round(time.perf_counter() - start, 1)}
+        return {
+            "knn_top1": scores.pop("embedding"),
+            "knn_top1_whitened": knn_top1(
+                whiten(bank["embedding"]), yb, whiten(queries["embedding"]), yq
+            ),
+            "whitened_dim": dim,
+            "knn_by_feature": scores,
+            "eval_bank": len(self.bank_idx),
+            "eval_queries": len(self.query_idx),
+            "eval_seconds": round(time.perf_counter() - start, 1),
+        }

@@ -1,4 +1,5 @@
 """Command-line options generated from the config dataclasses, each with its help text."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,12 +8,13 @@ import json
 
 MODEL_HELP = {
     "family": "encoder family: vit, swin or cnn",
-    "arch": "timm architecture name (e.g. vit_base_patch16_224, swin_base_patch4_window7_224, resnet50)",
+    "arch": "timm architecture name (e.g. vit_base_patch16_224, swin_base_patch4_window7_224, "
+    "resnet50)",
     "image_size": "input size in pixels (square); must divide by --mask-patch-size",
     "in_chans": "input channels: 1 (gray) or 3 (RGB)",
     "encoder_kwargs": "JSON object of extra keyword arguments for timm.create_model (replaces the "
-                      "preset's), e.g. '{\"embed_dim\": 192, \"depth\": 12}'; for cnn also "
-                      "patch_size (mask cell in pixels) and fill (mean or noise)",
+    'preset\'s), e.g. \'{"embed_dim": 192, "depth": 12}\'; for cnn also '
+    "patch_size (mask cell in pixels) and fill (mean or noise)",
     "mask_patch_size": "side of one mask block in pixels; must divide by the encoder's patch size",
     "mask_ratio": "fraction of mask blocks masked (ceil(ratio * blocks) of them)",
     "mask_kind": "mask generator: block (SimMIM), square, stripes or hierarchical",
@@ -23,7 +25,10 @@ MODEL_HELP = {
     "temperature": "InfoNCE temperature tau (contrastive)",
     "proj_dim": "output size of the contrastive projection head",
     "ema_momentum": "momentum of the EMA encoder used as the frozen network (perceptual)",
-    "pooling": "embedding pooling: mean (over patch tokens after the final norm) or cls",
+    "pooling": "embedding pooling: mean (over patch tokens), cls (ViT class token) or gridK "
+    "(the token map average-pooled to K x K cells and flattened, e.g. grid4)",
+    "feature_layer": "ViT: embed the tokens after this block (1..depth; 0: the last)",
+    "feature_norm": "ViT: pass the embedded tokens through the encoder's final norm (true/false)",
 }
 TRAIN_HELP = {
     "epochs": "epochs to train (fractions allowed)",
@@ -34,7 +39,8 @@ TRAIN_HELP = {
     "warmup_epochs": "epochs of linear warmup from --warmup-lr",
     "warmup_lr": "learning rate at the start of warmup",
     "min_lr": "final learning rate of the cosine schedule",
-    "weight_decay": "AdamW weight decay (not applied to biases, norms, tokens, position embeddings)",
+    "weight_decay": "AdamW weight decay (not applied to biases, norms, tokens, position "
+    "embeddings)",
     "betas": "AdamW betas, two numbers",
     "clip_grad": "gradient norm clipping (0 disables)",
     "crop_scale": "RandomResizedCrop area range, two numbers",
@@ -84,7 +90,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict, tit
         elif isinstance(default, tuple):
             kw.update(type=float, nargs="+")
         elif isinstance(default, float) or str(f.type).startswith("float"):
-            kw["type"] = float                  # by annotation: `epochs: float = 100` takes 0.5
+            kw["type"] = float  # by annotation: `epochs: float = 100` takes 0.5
         elif isinstance(default, int) or str(f.type).startswith("int"):
             kw["type"] = int
         group.add_argument(flag, **kw)

@@ -1,37 +1,16 @@
-"""Pictures of a run: reconstruction grids and loss curves (PNG)."""
+"""The loss curve of a run (PNG, matplotlib); reconstruction grids are simmim_core.visualize."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-from service.preprocess import Preprocessing, denormalize
-from service.reconstruction import masked_input, pixel_mask
-
-
-def reconstruction_grid(pixels: np.ndarray, mask: np.ndarray, recon: np.ndarray,
-                        spec: Preprocessing, patch_size: int, scale: int = 1) -> Image.Image:
-    """Rows of original | masked | reconstruction (visible pixels pasted back).
-
-    pixels, recon: float32 [N, C, H, W] normalised; mask: [N, h, w] at the patch grid, 1 = masked.
-    """
-    rows = []
-    for x, m, r in zip(pixels, mask, recon):
-        visible = 1.0 - pixel_mask(m, patch_size)[None]               # [1, H, W]
-        panels = [x, masked_input(x, m, patch_size), x * visible + r * (1.0 - visible)]
-        rows.append(np.concatenate([denormalize(p, spec) for p in panels], axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    if scale > 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    return grid
 
 
 def loss_curve(metrics_path: Path, out_path: Path) -> None:
     """Loss terms against the step from metrics.jsonl; beside them, when the run evaluates
     online, kNN top-1 against the epoch."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -40,8 +19,7 @@ def loss_curve(metrics_path: Path, out_path: Path) -> None:
     evals = [r for r in rows if "knn_top1" in r]
     if not losses and not evals:
         return
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4), squeeze=False)
     ax = axes[0, 0]
     for key in ("loss", "rec", "sim"):
         if any(r.get(key) for r in losses):
@@ -55,8 +33,12 @@ def loss_curve(metrics_path: Path, out_path: Path) -> None:
         ax = axes[0, 1]
         epochs = [r["epoch"] for r in evals]
         ax.plot(epochs, [100 * r["knn_top1"] for r in evals], "o-", label="embedding")
-        ax.plot(epochs, [100 * r["knn_top1_whitened"] for r in evals], "s--",
-                label=f"PCA-whitened to {evals[-1]['whitened_dim']}-d")
+        ax.plot(
+            epochs,
+            [100 * r["knn_top1_whitened"] for r in evals],
+            "s--",
+            label=f"PCA-whitened to {evals[-1]['whitened_dim']}-d",
+        )
         ax.set_xlabel("epoch")
         ax.set_ylabel("online kNN top-1 (%)")
         ax.grid(alpha=0.3)

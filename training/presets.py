@@ -1,9 +1,10 @@
 """Named presets: a model configuration plus a training recipe, as data."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from simmim_core.model import ModelConfig
+from simmim_core.nn.model import ModelConfig
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
@@ -12,11 +13,12 @@ FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
 @dataclass
 class TrainConfig:
     """The training recipe. Defaults follow the SimMIM paper (AdamW, lr x batch/512, cosine)."""
+
     epochs: float = 100
-    steps: int | None = None            # stop after this many optimizer steps (overrides epochs)
-    batch_size: int = 128               # per process, per micro-batch
-    accum_steps: int = 1                # gradient accumulation
-    base_lr: float = 2e-4               # lr = base_lr * batch_size * accum * world / 512
+    steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 128  # per process, per micro-batch
+    accum_steps: int = 1  # gradient accumulation
+    base_lr: float = 2e-4  # lr = base_lr * batch_size * accum * world / 512
     warmup_epochs: float = 10
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -29,10 +31,10 @@ class TrainConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
-    amp: str = "auto"                   # auto (bf16 on CUDA when supported) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA when supported) | bf16 | off
     workers: int = 2
     seed: int = 0
-    log_every: int = 20                 # steps between metrics.jsonl lines
+    log_every: int = 20  # steps between metrics.jsonl lines
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,20 +49,50 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "vit-tiny-fmnist": Preset(
-        ModelConfig(family="vit", arch="vit_tiny_patch16_224", image_size=32, in_chans=1,
-                    encoder_kwargs=dict(patch_size=4, embed_dim=128, depth=4, num_heads=4),
-                    mask_patch_size=8, mask_ratio=0.6, sim_loss="none", pooling="grid4"),
-        TrainConfig(epochs=4, batch_size=256, base_lr=2e-3, warmup_epochs=0.25, min_lr=1e-5,
-                    mean=FMNIST_MEAN, std=FMNIST_STD),
-        "ViT (dim 128, depth 4, patch 4, 0.8M params) on 32 px gray images; fits 2 CPU cores"),
+        ModelConfig(
+            family="vit",
+            arch="vit_tiny_patch16_224",
+            image_size=32,
+            in_chans=1,
+            encoder_kwargs=dict(patch_size=4, embed_dim=128, depth=4, num_heads=4),
+            mask_patch_size=8,
+            mask_ratio=0.6,
+            sim_loss="none",
+            pooling="grid4",
+        ),
+        TrainConfig(
+            epochs=4,
+            batch_size=256,
+            base_lr=2e-3,
+            warmup_epochs=0.25,
+            min_lr=1e-5,
+            mean=FMNIST_MEAN,
+            std=FMNIST_STD,
+        ),
+        "ViT (dim 128, depth 4, patch 4, 0.8M params) on 32 px gray images; fits 2 CPU cores",
+    ),
     "vit-base-224": Preset(
-        ModelConfig(family="vit", arch="vit_base_patch16_224", image_size=224, in_chans=3,
-                    encoder_kwargs=dict(drop_path_rate=0.1), mask_patch_size=32),
+        ModelConfig(
+            family="vit",
+            arch="vit_base_patch16_224",
+            image_size=224,
+            in_chans=3,
+            encoder_kwargs=dict(drop_path_rate=0.1),
+            mask_patch_size=32,
+        ),
         TrainConfig(epochs=800, batch_size=128, base_lr=1e-4, warmup_epochs=10),
-        "the paper's ViT-B/16 at 224 (800 epochs, lr 1e-4 per 512)"),
+        "the paper's ViT-B/16 at 224 (800 epochs, lr 1e-4 per 512)",
+    ),
     "swin-base-192": Preset(
-        ModelConfig(family="swin", arch="swin_base_patch4_window7_224", image_size=192,
-                    in_chans=3, encoder_kwargs=dict(window_size=6), mask_patch_size=32),
+        ModelConfig(
+            family="swin",
+            arch="swin_base_patch4_window7_224",
+            image_size=192,
+            in_chans=3,
+            encoder_kwargs=dict(window_size=6),
+            mask_patch_size=32,
+        ),
         TrainConfig(epochs=100, batch_size=128, base_lr=2e-4, warmup_epochs=10),
-        "the paper's Swin-B, window 6, at 192 (100 epochs, lr 2e-4 per 512)"),
+        "the paper's Swin-B, window 6, at 192 (100 epochs, lr 2e-4 per 512)",
+    ),
 }

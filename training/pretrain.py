@@ -1,4 +1,5 @@
 """`simmim pretrain`: SimMIM pretraining on one process, or many under torchrun (DDP)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,15 +16,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from service.preprocess import Preprocessing, preprocess
 from simmim_core.masking import MaskGenerator
-from simmim_core.model import ModelConfig, SimMIM
+from simmim_core.nn.model import ModelConfig, SimMIM
+from simmim_core.preprocess import Preprocessing, preprocess
+from simmim_core.visualize import reconstruction_grid
+
 from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic, state_digest
-from .data import PretrainDataset, epoch_batches, load_images
-from .engine import train_one_epoch
-from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides
+from .data import PretrainDataset, epoch_batches, open_dataset
+from .loop import train_one_epoch
 from .online_eval import OnlineKNN
-from .plots import loss_curve, reconstruction_grid
+from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides
+from .plots import loss_curve
 from .presets import PRESETS, TrainConfig
 
 
@@ -31,24 +34,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simmim pretrain",
         description="Pretrain a SimMIM encoder. Runs under torchrun for several processes "
-                    "(DistributedDataParallel, gloo on CPU, nccl on GPU). Every preset value can "
-                    "be overridden by the options below.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="vit-tiny-fmnist", choices=sorted(PRESETS),
-                   help="named model + recipe: " + "; ".join(
-                       f"{k}: {v.description}" for k, v in PRESETS.items()))
-    p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, synthetic[:N] or a folder of images (recursive)")
-    p.add_argument("--out", required=True, type=Path, help="run folder for checkpoints, "
-                   "config.json, metrics.jsonl and pictures")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue exactly from a checkpoint (default: RUN_DIR/checkpoint.pt)")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="also checkpoint every N optimizer steps (0: at each epoch end only)")
-    p.add_argument("--eval-every", type=float, default=0,
-                   help="every N epochs (and before the first), kNN top-1 on a fixed labelled "
-                        "subset of the training data (10,000 bank and 2,000 query images), "
-                        "logged to metrics.jsonl and drawn in loss_curve.png; 0: off")
+        "(DistributedDataParallel, gloo on CPU, nccl on GPU). Every preset value can "
+        "be overridden by the options below.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        default="vit-tiny-fmnist",
+        choices=sorted(PRESETS),
+        help="named model + recipe: "
+        + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()),
+    )
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist, synthetic[:N] or a folder of images (recursive)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="run folder for checkpoints, config.json, metrics.jsonl and pictures",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue exactly from a checkpoint (default: RUN_DIR/checkpoint.pt)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also checkpoint every N optimizer steps (0: at each epoch end only)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=float,
+        default=0,
+        help="every N epochs (and before the first), kNN top-1 on a fixed labelled "
+        "subset of the training data (10,000 bank and 2,000 query images), "
+        "logged to metrics.jsonl and drawn in loss_curve.png; 0: off",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_dataclass_options(p, ModelConfig, MODEL_HELP, "model (overrides the preset)")
     add_dataclass_options(p, TrainConfig, TRAIN_HELP, "training recipe (overrides the preset)")
@@ -65,18 +93,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = (p.ndim <= 1 or name.endswith(NO_DECAY_SUFFIXES)
-                or "relative_position_bias_table" in name)
+        skip = (
+            p.ndim <= 1
+            or name.endswith(NO_DECAY_SUFFIXES)
+            or "relative_position_bias_table" in name
+        )
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def eval_preprocessing(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Preprocessing:
     """The preprocessing recorded for this run: resize the shorter side to image_size, crop."""
     color = "L" if model_cfg.in_chans == 1 else "RGB"
-    return Preprocessing(color, model_cfg.image_size, model_cfg.image_size,
-                         train_cfg.interpolation, tuple(train_cfg.mean), tuple(train_cfg.std))
+    return Preprocessing(
+        color,
+        model_cfg.image_size,
+        model_cfg.image_size,
+        train_cfg.interpolation,
+        tuple(train_cfg.mean),
+        tuple(train_cfg.std),
+    )
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -116,35 +155,48 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is not None:  # the run's own configuration wins over the preset
         model_cfg = ModelConfig(**ckpt["model_config"])
         saved = ckpt["train_config"]
-        train_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                   for k, v in saved.items()})
-        train_cfg = apply_overrides(train_cfg, args, {k: 1 for k in ("steps", "epochs", "workers",
-                                                                      "log_every")})
+        train_cfg = TrainConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        )
+        train_cfg = apply_overrides(
+            train_cfg, args, {k: 1 for k in ("steps", "epochs", "workers", "log_every")}
+        )
     elif rank == 0 and (out / "checkpoint.pt").exists():
-        sys.exit(f"simmim pretrain: {out} already holds a run; use --resume to continue it "
-                 "or choose another --out")
+        sys.exit(
+            f"simmim pretrain: {out} already holds a run; use --resume to continue it "
+            "or choose another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(train_cfg.seed)
     model = SimMIM(model_cfg).to(device)
-    mask_gen = MaskGenerator(model_cfg.image_size, model_cfg.mask_patch_size, model.patch_size,
-                             model_cfg.mask_ratio, model_cfg.mask_kind)
-    source = load_images(args.data, "train")
+    mask_gen = MaskGenerator(
+        model_cfg.image_size,
+        model_cfg.mask_patch_size,
+        model.patch_size,
+        model_cfg.mask_ratio,
+        model_cfg.mask_kind,
+    )
+    source = open_dataset(args.data, "train")
     two_views = model_cfg.sim_loss in ("cosine", "contrastive")
     color = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = PretrainDataset(source, model_cfg.image_size, color, train_cfg, two_views)
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     batch_total = train_cfg.batch_size * train_cfg.accum_steps * world
     lr = train_cfg.base_lr * batch_total / 512
-    optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=lr,
-                                  betas=tuple(train_cfg.betas), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_cfg.weight_decay), lr=lr, betas=tuple(train_cfg.betas), eps=1e-8
+    )
     steps_per_epoch = len(dataset) // world // train_cfg.batch_size // train_cfg.accum_steps
     if steps_per_epoch < 1:
-        sys.exit(f"simmim pretrain: {len(dataset)} images are fewer than one step's batch "
-                 f"({batch_total}); lower --batch-size")
+        sys.exit(
+            f"simmim pretrain: {len(dataset)} images are fewer than one step's batch "
+            f"({batch_total}); lower --batch-size"
+        )
     total_steps = train_cfg.steps or math.ceil(train_cfg.epochs * steps_per_epoch)
     warmup_steps = round(train_cfg.warmup_epochs * steps_per_epoch)
     step = 0
@@ -155,31 +207,48 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_rng_state(ckpt["rng"]["torch"])
     spec = eval_preprocessing(model_cfg, train_cfg)
     if rank == 0:
-        config = {"preset": args.preset, "data": args.data, "world_size": world,
-                  "device": str(device), "lr": lr, "steps_per_epoch": steps_per_epoch,
-                  "total_steps": total_steps, "model": model_cfg.to_dict(),
-                  "train": train_cfg.to_dict(), "preprocessing": spec.to_dict(),
-                  "images": len(dataset), "unreadable_images_skipped": source.skipped,
-                  "command": "simmim pretrain " + shlex.join(argv if argv is not None
-                                                             else sys.argv[1:])}
+        config = {
+            "preset": args.preset,
+            "data": args.data,
+            "world_size": world,
+            "device": str(device),
+            "lr": lr,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "model": model_cfg.to_dict(),
+            "train": train_cfg.to_dict(),
+            "preprocessing": spec.to_dict(),
+            "images": len(dataset),
+            "unreadable_images_skipped": source.skipped,
+            "command": "simmim pretrain " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        }
         (out / "config.json").write_text(json.dumps(config, indent=2))
-        print(f"pretraining {model_cfg.arch} on {len(dataset)} images ({source.skipped} "
-              f"unreadable skipped), {total_steps} steps of {batch_total} images, lr {lr:.3g}, "
-              f"{world} process(es) on {device}", flush=True)
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0 or args.no_progress,
-               unit="step", dynamic_ncols=True)
+        print(
+            f"pretraining {model_cfg.arch} on {len(dataset)} images ({source.skipped} "
+            f"unreadable skipped), {total_steps} steps of {batch_total} images, lr {lr:.3g}, "
+            f"{world} process(es) on {device}",
+            flush=True,
+        )
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=rank != 0 or args.no_progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
     if rank == 0:
         trim_metrics(out / "metrics.jsonl", step)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    online = OnlineKNN(source, spec, seed=train_cfg.seed) if args.eval_every and rank == 0 \
-        else None
+    online = OnlineKNN(source, spec, seed=train_cfg.seed) if args.eval_every and rank == 0 else None
 
     def evaluate_online(epoch: float) -> None:
         result = online(model, device)
         metrics.write(json.dumps({"step": step, "epoch": epoch, **result}) + "\n")
         metrics.flush()
-        bar.write(f"epoch {epoch:g}: online kNN top-1 {result['knn_top1']:.4f} "
-                  f"(whitened {result['knn_top1_whitened']:.4f}, {result['eval_seconds']} s)")
+        bar.write(
+            f"epoch {epoch:g}: online kNN top-1 {result['knn_top1']:.4f} "
+            f"(whitened {result['knn_top1_whitened']:.4f}, {result['eval_seconds']} s)"
+        )
 
     if online is not None and step == 0:
         evaluate_online(0)
@@ -188,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     def save(epoch: int) -> None:
         if rank != 0:
             return
-        save_atomic(checkpoint_dict(model, optimizer, step, epoch, train_cfg, spec, args.data),
-                    out / "checkpoint.pt")
+        save_atomic(
+            checkpoint_dict(model, optimizer, step, epoch, train_cfg, spec, args.data),
+            out / "checkpoint.pt",
+        )
 
     def on_step(s: int, parts: dict, step_lr: float, n_images: int, seconds: float) -> None:
         nonlocal step
@@ -197,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{step_lr:.2e}")
         if metrics and (s % train_cfg.log_every == 0 or s == total_steps):
-            row = {"step": s, "epoch": s / steps_per_epoch, "lr": step_lr,
-                   "img_per_s": n_images * world / max(seconds, 1e-9), **parts}
+            row = {
+                "step": s,
+                "epoch": s / steps_per_epoch,
+                "lr": step_lr,
+                "img_per_s": n_images * world / max(seconds, 1e-9),
+                **parts,
+            }
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
         if args.save_every and s % args.save_every == 0:
@@ -207,21 +283,39 @@ def main(argv: list[str] | None = None) -> int:
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         dataset.epoch = epoch
-        batches = epoch_batches(len(dataset), train_cfg.batch_size, train_cfg.seed, epoch, rank,
-                                world)[:steps_per_epoch * train_cfg.accum_steps]
+        batches = epoch_batches(
+            len(dataset), train_cfg.batch_size, train_cfg.seed, epoch, rank, world
+        )[: steps_per_epoch * train_cfg.accum_steps]
         # its own generator: the loader's seed draw must not advance torch's global RNG, which
         # drop_path and noise filling use, or a resumed run would diverge from a straight one
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batches[done_in_epoch * train_cfg.accum_steps:],
-            num_workers=train_cfg.workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(train_cfg.seed + epoch))
+            dataset,
+            batch_sampler=batches[done_in_epoch * train_cfg.accum_steps :],
+            num_workers=train_cfg.workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(train_cfg.seed + epoch),
+        )
         step = train_one_epoch(
-            model, ddp_model, loader, optimizer, mask_gen, epoch=epoch, start_step=step,
-            total_steps=total_steps, warmup_steps=warmup_steps, lr=lr,
-            warmup_lr=train_cfg.warmup_lr, min_lr=train_cfg.min_lr,
-            clip_grad=train_cfg.clip_grad, accum_steps=train_cfg.accum_steps,
-            seed=train_cfg.seed, rank=rank, device=device,
-            amp_dtype=amp_dtype(train_cfg.amp, device), on_step=on_step)
+            model,
+            ddp_model,
+            loader,
+            optimizer,
+            mask_gen,
+            epoch=epoch,
+            start_step=step,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            lr=lr,
+            warmup_lr=train_cfg.warmup_lr,
+            min_lr=train_cfg.min_lr,
+            clip_grad=train_cfg.clip_grad,
+            accum_steps=train_cfg.accum_steps,
+            seed=train_cfg.seed,
+            rank=rank,
+            device=device,
+            amp_dtype=amp_dtype(train_cfg.amp, device),
+            on_step=on_step,
+        )
         done_epochs = step / steps_per_epoch
         if online is not None and (step >= total_steps or _crossed(done_epochs, args.eval_every)):
             evaluate_online(round(done_epochs, 4))
@@ -230,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             write_pictures(model, source, spec, mask_gen, out, epoch, device)
     bar.close()
     if metrics:
-        metrics.write(json.dumps({"done": True, "steps": step,
-                                  "seconds": round(time.time() - started, 1)}) + "\n")
+        metrics.write(
+            json.dumps({"done": True, "steps": step, "seconds": round(time.time() - started, 1)})
+            + "\n"
+        )
         metrics.close()
     if world > 1:
         check_replicas_agree(model, rank, world)
@@ -270,19 +366,32 @@ def check_replicas_agree(model: torch.nn.Module, rank: int, world: int) -> None:
 
 
 @torch.no_grad()
-def write_pictures(model: SimMIM, source, spec: Preprocessing, mask_gen: MaskGenerator,
-                   out: Path, epoch: int, device: torch.device, n: int = 8) -> None:
+def write_pictures(
+    model: SimMIM,
+    source,
+    spec: Preprocessing,
+    mask_gen: MaskGenerator,
+    out: Path,
+    epoch: int,
+    device: torch.device,
+    n: int = 8,
+) -> None:
     """recon_epoch{E}.png for the first n images (fixed masks) and loss_curve.png."""
-    pixels = preprocess([source.image(i) for i in range(min(n, len(source)))], spec)
+    pixels = preprocess([source.encoded(i) for i in range(min(n, len(source)))], spec)
     mask = mask_gen(np.random.default_rng(0), len(pixels))
     was_training = model.training
     model.eval()
-    recon = model.reconstruct(torch.from_numpy(pixels).to(device),
-                              torch.from_numpy(mask).to(device)).float().cpu().numpy()
+    recon = (
+        model.reconstruct(torch.from_numpy(pixels).to(device), torch.from_numpy(mask).to(device))
+        .float()
+        .cpu()
+        .numpy()
+    )
     model.train(was_training)
     scale = max(1, 96 // spec.crop_size)
     reconstruction_grid(pixels, mask, recon, spec, model.patch_size, scale).save(
-        out / f"recon_epoch{epoch:03d}.png")
+        out / f"recon_epoch{epoch:03d}.png"
+    )
     loss_curve(out / "metrics.jsonl", out / "loss_curve.png")
 
 

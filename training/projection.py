@@ -3,6 +3,7 @@
 A projection maps x [N, D] to (x - mean) @ matrix, [N, d]; `simmim export --project` bakes it
 into encoder.onnx, and `simmim evaluate --project` applies the same to any features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ KINDS = ("pca", "pca-whiten")
 
 @dataclass(frozen=True)
 class Projection:
-    kind: str                 # pca | pca-whiten
-    mean: np.ndarray          # float32 [D]
-    matrix: np.ndarray        # float32 [D, d]
-    explained: float          # share of the variance kept by the d axes
+    kind: str  # pca | pca-whiten
+    mean: np.ndarray  # float32 [D]
+    matrix: np.ndarray  # float32 [D, d]
+    explained: float  # share of the variance kept by the d axes
 
     @property
     def dim(self) -> int:
@@ -28,16 +29,22 @@ class Projection:
         return ((x - self.mean) @ self.matrix).astype(np.float32)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "dim": self.dim, "input_dim": int(self.mean.shape[0]),
-                "explained_variance": round(self.explained, 6)}
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "input_dim": int(self.mean.shape[0]),
+            "explained_variance": round(self.explained, 6),
+        }
 
 
 def parse_projection(text: str) -> tuple[str, int]:
     """'pca:D' or 'pca-whiten:D' -> (kind, D); ValueError naming what is wrong."""
     kind, _, dim = text.partition(":")
     if kind not in KINDS or not dim.isdigit() or int(dim) < 1:
-        raise ValueError(f"projection {text!r} is not one of pca:D or pca-whiten:D "
-                         "(D a positive number of dimensions, e.g. pca-whiten:256)")
+        raise ValueError(
+            f"projection {text!r} is not one of pca:D or pca-whiten:D "
+            "(D a positive number of dimensions, e.g. pca-whiten:256)"
+        )
     return kind, int(dim)
 
 
@@ -46,13 +53,15 @@ def fit_projection(features: np.ndarray, kind: str, dim: int) -> Projection:
     divide by their standard deviations (so every kept axis has unit variance)."""
     n, d = features.shape
     if not 1 <= dim <= min(n, d):
-        raise ValueError(f"cannot keep {dim} principal axes of {n} features of {d} dimensions "
-                         f"(at most {min(n, d)})")
+        raise ValueError(
+            f"cannot keep {dim} principal axes of {n} features of {d} dimensions "
+            f"(at most {min(n, d)})"
+        )
     x = features.astype(np.float64)
     mean = x.mean(0)
     x -= mean
-    cov = (x.T @ x) / max(1, n - 1)                                   # [D, D]
-    values, vectors = np.linalg.eigh(cov)                             # ascending
+    cov = (x.T @ x) / max(1, n - 1)  # [D, D]
+    values, vectors = np.linalg.eigh(cov)  # ascending
     values, vectors = values[::-1][:dim], vectors[:, ::-1][:, :dim]
     values = np.maximum(values, 0.0)
     explained = float(values.sum() / max(np.trace(cov), 1e-12))

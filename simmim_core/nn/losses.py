@@ -1,4 +1,5 @@
 """SimMIM losses. Pixels are in normalised space; masks are 1 = masked."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,9 @@ def upsample_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     return m.unsqueeze(1)
 
 
-def reconstruction_loss(pixels: torch.Tensor, recon: torch.Tensor, mask: torch.Tensor,
-                        patch_size: int, kind: str = "l1") -> torch.Tensor:
+def reconstruction_loss(
+    pixels: torch.Tensor, recon: torch.Tensor, mask: torch.Tensor, patch_size: int, kind: str = "l1"
+) -> torch.Tensor:
     """Mean L1 (or squared error) over masked pixels only.
 
     pixels, recon: [N, C, H, W]; mask: [N, h, w]. Returns
@@ -42,6 +44,6 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     """Symmetric InfoNCE: row i of a matches row i of b, other rows are negatives. a, b: [N, D]."""
     a = F.normalize(a, dim=-1)
     b = F.normalize(b, dim=-1)
-    logits = a @ b.t() / temperature                                  # [N, N]
+    logits = a @ b.t() / temperature  # [N, N]
     labels = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))

@@ -7,6 +7,7 @@ at a time on every thread. PyTorch eager runs the same network under inference_m
 default thread count. Inputs are random normalised pixels: the speed of these networks does not
 depend on the pixel values.
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,8 +30,9 @@ def in_threads(workers: int, fn: Callable, *args) -> None:
         t.join()
 
 
-def measure(call: Callable[[], object], batch: int, seconds: float, workers: int = 1,
-            min_calls: int = 2) -> dict:
+def measure(
+    call: Callable[[], object], batch: int, seconds: float, workers: int = 1, min_calls: int = 2
+) -> dict:
     """One warm-up call per worker, then `workers` threads each calling until `seconds` have
     passed and it has made at least min_calls."""
     times: list[float] = []
@@ -47,10 +49,14 @@ def measure(call: Callable[[], object], batch: int, seconds: float, workers: int
     start, cpu = time.perf_counter(), time.process_time()
     in_threads(workers, work, start + seconds)
     wall = time.perf_counter() - start
-    return {"batch": batch, "workers": workers, "calls": len(times),
-            "img_s": batch * len(times) / wall,
-            "ms_per_call_median": float(np.median(times)) * 1e3,
-            "cpu_ms_per_image": (time.process_time() - cpu) / (batch * len(times)) * 1e3}
+    return {
+        "batch": batch,
+        "workers": workers,
+        "calls": len(times),
+        "img_s": batch * len(times) / wall,
+        "ms_per_call_median": float(np.median(times)) * 1e3,
+        "cpu_ms_per_image": (time.process_time() - cpu) / (batch * len(times)) * 1e3,
+    }
 
 
 class OrtEncoder:
@@ -59,12 +65,16 @@ class OrtEncoder:
 
     def __init__(self, model: BenchModel, int8: bool, provider: str, one_call: bool = False):
         import onnxruntime as ort
+
         from service.backend import parallelism, resolve_providers, session_options
+
         # as one server process: the benchmark's engine is one process
         _, self.workers, threads = parallelism(provider, 1, 1 if one_call else 0, 0)
-        self.session = ort.InferenceSession(str(model.onnx(int8)),
-                                            sess_options=session_options(threads),
-                                            providers=resolve_providers(provider))
+        self.session = ort.InferenceSession(
+            str(model.onnx(int8)),
+            sess_options=session_options(threads),
+            providers=resolve_providers(provider),
+        )
         self.shape = (model.card["in_chans"], model.card["image_size"], model.card["image_size"])
 
     def caller(self, batch: int) -> Callable[[], object]:
@@ -74,10 +84,12 @@ class OrtEncoder:
 
 class TorchEncoder:
     """The same network in PyTorch eager (model.embed under inference_mode)."""
+
     workers = 1
 
     def __init__(self, model: BenchModel, provider: str):
         import torch
+
         self.torch = torch
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.net, self.note = torch_encoder(model, self.device)
@@ -94,18 +106,26 @@ class TorchEncoder:
             if self.device == "cuda":
                 torch.cuda.synchronize()
             return out
+
         return call
 
 
 def make_engine(name: str, model: BenchModel, provider: str):
     if name == "torch_eager":
         return TorchEncoder(model, provider)
-    return OrtEncoder(model, int8=name == "ort_int8", provider=provider,
-                      one_call=name == "ort_fp32_1call")
+    return OrtEncoder(
+        model, int8=name == "ort_int8", provider=provider, one_call=name == "ort_fp32_1call"
+    )
 
 
-def run_engines(model: BenchModel, batches: list[int], seconds: float, provider: str,
-                engines=ENGINES, progress: Callable[[str], None] = print) -> dict:
+def run_engines(
+    model: BenchModel,
+    batches: list[int],
+    seconds: float,
+    provider: str,
+    engines=ENGINES,
+    progress: Callable[[str], None] = print,
+) -> dict:
     """{engine: {batch: result}} for every engine the model has (int8 only if exported)."""
     results: dict = {}
     for name in engines:

@@ -1,9 +1,10 @@
 """The model directory: the artifact between training and serving (torch-free).
 
-  model.json  the card (format_version, encoder, preprocessing, embedding_dim, pooling, training,
-              evaluation, parity, and the sha256 of every ONNX file under "files")
-  encoder.onnx, reconstruct.onnx, optional encoder.int8.onnx
+model.json  the card (format_version, encoder, preprocessing, embedding_dim, pooling, training,
+            evaluation, parity, and the sha256 of every ONNX file under "files")
+encoder.onnx, reconstruct.onnx, optional encoder.int8.onnx
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,19 @@ from .preprocess import Preprocessing
 FORMAT_VERSION = 1
 CARD = "model.json"
 ENCODER, RECONSTRUCT, ENCODER_INT8 = "encoder.onnx", "reconstruct.onnx", "encoder.int8.onnx"
-REQUIRED_FIELDS = ("format_version", "name", "image_size", "in_chans", "patch_size",
-                   "mask_patch_size", "mask_ratio", "preprocessing", "embedding_dim", "pooling",
-                   "files")
+REQUIRED_FIELDS = (
+    "format_version",
+    "name",
+    "image_size",
+    "in_chans",
+    "patch_size",
+    "mask_patch_size",
+    "mask_ratio",
+    "preprocessing",
+    "embedding_dim",
+    "pooling",
+    "files",
+)
 
 
 class ModelDirError(ValueError):
@@ -64,8 +75,10 @@ def load_model_dir(path, verify_hashes: bool = True) -> ModelDir:
     if not isinstance(card, dict):
         raise ModelDirError(f"{card_path}: expected a JSON object")
     if card.get("format_version") != FORMAT_VERSION:
-        raise ModelDirError(f"{card_path}: field format_version is {card.get('format_version')!r}; "
-                            f"this service reads format_version {FORMAT_VERSION}")
+        raise ModelDirError(
+            f"{card_path}: field format_version is {card.get('format_version')!r}; "
+            f"this service reads format_version {FORMAT_VERSION}"
+        )
     for field in REQUIRED_FIELDS:
         if field not in card:
             raise ModelDirError(f"{card_path}: required field {field!r} is missing")
@@ -82,11 +95,8 @@ def load_model_dir(path, verify_hashes: bool = True) -> ModelDir:
         if not f.is_file():
             raise ModelDirError(f"{f}: listed in model.json files but missing")
         if verify_hashes and sha256_file(f) != meta.get("sha256"):
-            raise ModelDirError(f"{f}: sha256 does not match field files[{name!r}].sha256 "
-                                "in model.json (corrupt or replaced file)")
+            raise ModelDirError(
+                f"{f}: sha256 does not match field files[{name!r}].sha256 "
+                "in model.json (corrupt or replaced file)"
+            )
     return ModelDir(path, card, spec)
-
-
-def default_model_path() -> Path:
-    """The embedded default model shipped inside the package."""
-    return Path(__file__).parent / "default_model"

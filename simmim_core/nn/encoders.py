@@ -10,6 +10,7 @@ ViT and Swin replace masked patch tokens by one learned `mask_token` after patch
 before position embeddings (`x * (1 - w) + mask_token * w`); CNNs fill masked pixels in input
 space (`x * (1 - M) + C * M`, C the dataset mean, i.e. 0 after normalisation, or noise).
 """
+
 from __future__ import annotations
 
 import timm
@@ -20,12 +21,20 @@ from timm.layers import trunc_normal_
 
 class ViTEncoder(nn.Module):
     """timm VisionTransformer with a mask token. Mask grid = patch grid; stride = patch size."""
+
     poolings = ("mean", "cls")
 
     def __init__(self, arch: str, image_size: int, in_chans: int, **kwargs) -> None:
         super().__init__()
-        self.vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
-                                     in_chans=in_chans, global_pool="token", **kwargs)
+        self.vit = timm.create_model(
+            arch,
+            pretrained=False,
+            num_classes=0,
+            img_size=image_size,
+            in_chans=in_chans,
+            global_pool="token",
+            **kwargs,
+        )
         self.embed_dim = self.vit.num_features
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.stride = self.patch_size
@@ -38,20 +47,21 @@ class ViTEncoder(nn.Module):
         return len(self.vit.blocks)
 
     def embed_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixels [N, C, H, W], mask [N, h, w] -> tokens entering the first block [N, P + h*w, D]."""
-        x = self.vit.patch_embed(x)                                   # [N, L, D]
+        """pixels [N, C, H, W], mask [N, h, w] -> tokens entering block 1 [N, P + h*w, D]."""
+        x = self.vit.patch_embed(x)  # [N, L, D]
         if mask is not None:
-            w = mask.flatten(1).unsqueeze(-1).type_as(x)              # [N, L, 1]
+            w = mask.flatten(1).unsqueeze(-1).type_as(x)  # [N, L, 1]
             x = x * (1 - w) + self.mask_token.type_as(x) * w
-        x = self.vit._pos_embed(x)                                    # prepends cls
+        x = self.vit._pos_embed(x)  # prepends cls
         return self.vit.norm_pre(x)
 
-    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                       layer: int = 0, norm: bool = True) -> torch.Tensor:
+    def forward_tokens(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, layer: int = 0, norm: bool = True
+    ) -> torch.Tensor:
         """-> tokens [N, P + h*w, D] after block `layer` (1..depth; 0: the last), passed
         through the final norm when `norm`."""
         x = self.embed_tokens(x, mask)
-        for block in self.vit.blocks[:layer or self.depth]:
+        for block in self.vit.blocks[: layer or self.depth]:
             x = block(x)
         return self.vit.norm(x) if norm else x
 
@@ -60,11 +70,12 @@ class ViTEncoder(nn.Module):
         P = self.vit.num_prefix_tokens
         N, L, D = tokens.shape
         h, w = self.grid
-        fmap = tokens[:, P:].transpose(1, 2).reshape(N, D, h, w)      # NLC -> NCHW
+        fmap = tokens[:, P:].transpose(1, 2).reshape(N, D, h, w)  # NLC -> NCHW
         return fmap, tokens[:, :P]
 
-    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                         layer: int = 0, norm: bool = True):
+    def forward_features(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, layer: int = 0, norm: bool = True
+    ):
         """-> (patch tokens as a map [N, D, h, w], prefix tokens [N, P, D]) after block `layer`
         (0: the last), through the final norm when `norm`."""
         return self.to_map(self.forward_tokens(x, mask, layer, norm))
@@ -77,12 +88,14 @@ class ViTEncoder(nn.Module):
 
 class SwinEncoder(nn.Module):
     """timm SwinTransformer with a mask token after the patch-embed norm. Stride 32 for Swin-B."""
+
     poolings = ("mean",)
 
     def __init__(self, arch: str, image_size: int, in_chans: int, **kwargs) -> None:
         super().__init__()
-        self.swin = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size,
-                                      in_chans=in_chans, **kwargs)
+        self.swin = timm.create_model(
+            arch, pretrained=False, num_classes=0, img_size=image_size, in_chans=in_chans, **kwargs
+        )
         self.embed_dim = self.swin.num_features
         self.patch_size = self.swin.patch_embed.patch_size[0]
         self.stride = self.swin.feature_info[-1]["reduction"]
@@ -92,13 +105,13 @@ class SwinEncoder(nn.Module):
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """pixels [N, C, H, W], mask [N, h, w] -> (map [N, D, H/32, W/32], None)."""
-        x = self.swin.patch_embed(x)                                  # [N, h, w, C0] (NHWC)
+        x = self.swin.patch_embed(x)  # [N, h, w, C0] (NHWC)
         if mask is not None:
-            w = mask.unsqueeze(-1).type_as(x)                         # [N, h, w, 1]
+            w = mask.unsqueeze(-1).type_as(x)  # [N, h, w, 1]
             x = x * (1 - w) + self.mask_token.type_as(x) * w
         x = self.swin.layers(x)
-        x = self.swin.norm(x)                                         # [N, h', w', D]
-        return x.permute(0, 3, 1, 2), None                            # NHWC -> NCHW
+        x = self.swin.norm(x)  # [N, h', w', D]
+        return x.permute(0, 3, 1, 2), None  # NHWC -> NCHW
 
     def pool(self, fmap: torch.Tensor, prefix: torch.Tensor | None, pooling: str) -> torch.Tensor:
         return fmap.mean(dim=(2, 3))
@@ -110,21 +123,32 @@ class CNNEncoder(nn.Module):
     `patch_size` is the mask grid cell in pixels (the CNN has no tokens); noise filling is used
     in training mode only, evaluation fills with the mean so that outputs are deterministic.
     """
+
     poolings = ("mean",)
 
-    def __init__(self, arch: str, image_size: int, in_chans: int, patch_size: int = 8,
-                 fill: str = "mean", **kwargs) -> None:
+    def __init__(
+        self,
+        arch: str,
+        image_size: int,
+        in_chans: int,
+        patch_size: int = 8,
+        fill: str = "mean",
+        **kwargs,
+    ) -> None:
         super().__init__()
         if fill not in ("mean", "noise"):
             raise ValueError(f"CNN fill must be 'mean' or 'noise', not {fill!r}")
-        self.cnn = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="",
-                                     in_chans=in_chans, **kwargs)
+        self.cnn = timm.create_model(
+            arch, pretrained=False, num_classes=0, global_pool="", in_chans=in_chans, **kwargs
+        )
         self.embed_dim = self.cnn.num_features
         self.patch_size = patch_size
         self.stride = self.cnn.feature_info[-1]["reduction"]
         if image_size % self.stride or image_size % patch_size:
-            raise ValueError(f"image size {image_size} must divide by the CNN stride "
-                             f"{self.stride} and the mask cell {patch_size}")
+            raise ValueError(
+                f"image size {image_size} must divide by the CNN stride "
+                f"{self.stride} and the mask cell {patch_size}"
+            )
         self.grid = (image_size // patch_size, image_size // patch_size)
         self.fill = fill
         self._freeze_unused(in_chans, image_size)
@@ -134,7 +158,7 @@ class CNNEncoder(nn.Module):
         MobileNetV3's conv_head): they would get no gradient, which DDP refuses."""
         params = [p for p in self.cnn.parameters() if p.requires_grad]
         was_training = self.cnn.training
-        self.cnn.eval()                           # no BN statistics update, no random drops
+        self.cnn.eval()  # no BN statistics update, no random drops
         out = self.cnn.forward_features(torch.zeros(1, in_chans, image_size, image_size))
         grads = torch.autograd.grad(out.sum(), params, allow_unused=True)
         self.cnn.train(was_training)
@@ -146,7 +170,7 @@ class CNNEncoder(nn.Module):
         """pixels [N, C, H, W], mask [N, h, w] -> (map [N, D, H/stride, W/stride], None)."""
         if mask is not None:
             m = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
-            m = m.unsqueeze(1).type_as(x)                             # [N, 1, H, W]
+            m = m.unsqueeze(1).type_as(x)  # [N, 1, H, W]
             filler = torch.randn_like(x) if (self.fill == "noise" and self.training) else 0.0
             x = x * (1 - m) + filler * m
         return self.cnn.forward_features(x), None

@@ -1,4 +1,5 @@
 """One epoch of SimMIM pretraining."""
+
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from simmim_core.masking import MaskGenerator
+
 from .schedule import lr_at
 
 
@@ -16,10 +18,28 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_one_epoch(model, ddp_model, loader, optimizer, mask_gen: MaskGenerator, *, epoch: int,
-                    start_step: int, total_steps: int, warmup_steps: int, lr: float,
-                    warmup_lr: float, min_lr: float, clip_grad: float, accum_steps: int,
-                    seed: int, rank: int = 0, device: torch.device, amp_dtype, on_step) -> int:
+def train_one_epoch(
+    model,
+    ddp_model,
+    loader,
+    optimizer,
+    mask_gen: MaskGenerator,
+    *,
+    epoch: int,
+    start_step: int,
+    total_steps: int,
+    warmup_steps: int,
+    lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    clip_grad: float,
+    accum_steps: int,
+    seed: int,
+    rank: int = 0,
+    device: torch.device,
+    amp_dtype,
+    on_step,
+) -> int:
     """Train until the loader ends or `total_steps` optimizer steps are done; returns the step.
 
     `loader` yields micro-batches (view1,) or (view1, view2); a mask batch is drawn per
@@ -36,17 +56,24 @@ def train_one_epoch(model, ddp_model, loader, optimizer, mask_gen: MaskGenerator
             break
         pixels = views[0].to(device, non_blocking=True)
         target = views[1].to(device, non_blocking=True) if len(views) > 1 else None
-        rng = np.random.default_rng([seed, step, micro % accum_steps, 11]
-                                    + ([rank] if rank else []))
+        rng = np.random.default_rng(
+            [seed, step, micro % accum_steps, 11] + ([rank] if rank else [])
+        )
         mask = torch.from_numpy(mask_gen(rng, pixels.shape[0])).to(device)
         sync = (micro + 1) % accum_steps == 0
         no_sync = ddp_model.no_sync if (not sync and hasattr(ddp_model, "no_sync")) else nullcontext
-        with no_sync(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                       enabled=amp_dtype is not None):
+        with (
+            no_sync(),
+            torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ),
+        ):
             loss, parts, _ = ddp_model(pixels, mask, target)
             if not math.isfinite(loss.item()):
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step} (epoch {epoch}); "
-                                    "stopping. Lower the lr or lengthen the warmup.")
+                raise NonFiniteLoss(
+                    f"loss is {loss.item()} at step {step} (epoch {epoch}); "
+                    "stopping. Lower the lr or lengthen the warmup."
+                )
             (loss / accum_steps).backward()
         sums = parts if sums is None else {k: sums[k] + v for k, v in parts.items()}
         images += pixels.shape[0]
@@ -62,7 +89,12 @@ def train_one_epoch(model, ddp_model, loader, optimizer, mask_gen: MaskGenerator
         optimizer.zero_grad(set_to_none=True)
         model.update_ema()
         step += 1
-        on_step(step, {k: float(v) / accum_steps for k, v in sums.items()}, step_lr, images,
-                time.perf_counter() - t0)
+        on_step(
+            step,
+            {k: float(v) / accum_steps for k, v in sums.items()},
+            step_lr,
+            images,
+            time.perf_counter() - t0,
+        )
         sums, images, t0 = None, 0, time.perf_counter()
     return step
