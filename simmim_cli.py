@@ -17,6 +17,24 @@ COMMANDS = {
 }
 
 
+# a missing package -> the extra that installs it
+EXTRAS = {
+    "torch": "train",
+    "torchvision": "train",
+    "timm": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "matplotlib": "train",
+    "tqdm": "train",
+    "onnxruntime": "serve",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "pydantic_settings": "serve",
+    "prometheus_client": "serve",
+    "orjson": "serve",
+}
+
+
 def usage() -> str:
     lines = [
         "usage: simmim COMMAND [options]   (simmim COMMAND --help explains each option)",
@@ -35,7 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"simmim: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get(e.name.partition(".")[0] if e.name else "")
+        if extra is None:
+            raise
+        print(
+            f"simmim {argv[0]} needs {e.name}, which is not installed: "
+            f"pip install 'simmim-service[{extra}]' (or pip install -e '.[{extra}]' in a "
+            "checkout)",
+            file=sys.stderr,
+        )
+        return 2
     return module.main(argv[1:]) or 0
 
 

@@ -24,7 +24,7 @@ from training import checkpoint as checkpoint_module
 from training import pretrain as pretrain_module
 from training.checkpoint import CheckpointError, load_checkpoint, save_atomic, state_digest
 from training.data import epoch_batches
-from training.pretrain import param_groups
+from training.optim import param_groups
 from training.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,13 +232,34 @@ def test_resume_continues_bit_identically_on_cpu(tmp_path, monkeypatch):
     assert resumed == straight
 
 
-def test_resume_takes_the_runs_own_configuration(tmp_path):
+def test_resume_may_extend_the_schedule_with_steps(tmp_path):
     out = tmp_path / "run"
     pretrain(out, "--steps", "2", "--mask-ratio", "0.4")
-    pretrain(out, "--steps", "3", "--resume", "--mask-ratio", "0.9")
-    config = json.loads((out / "config.json").read_text())
-    assert config["model"]["mask_ratio"] == 0.4
+    assert pretrain(out, "--steps", "3", "--resume") == 0
+    assert json.loads((out / "config.json").read_text())["model"]["mask_ratio"] == 0.4
     assert load_checkpoint(out)["step"] == 3
+
+
+def test_resume_refuses_an_option_that_conflicts_with_the_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain(out, "--steps", "2", "--mask-ratio", "0.4")
+    before = (out / "checkpoint.pt").read_bytes()
+    assert pretrain(out, "--steps", "3", "--resume", "--mask-ratio", "0.9") == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "--mask-ratio 0.9 conflicts" in error and "0.4" in error
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_metrics_never_hold_a_step_twice_after_a_resume(tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, "--steps", "2", "--log-every", "1")
+    with open(out / "metrics.jsonl", "a") as f:  # logged after the last checkpoint
+        f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
+    pretrain(out, "--steps", "4", "--log-every", "1", "--resume")
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 for r in read_metrics(out) if "loss" in r)
 
 
 @pytest.mark.slow
@@ -369,10 +390,8 @@ def test_out_that_already_holds_a_run_fails_clearly_without_resume(tmp_path, cap
     out = tmp_path / "run"
     pretrain(out, "--steps", "1")
     before = (out / "checkpoint.pt").read_bytes()
-    with pytest.raises(SystemExit) as exit_:
-        pretrain(out, "--steps", "1")
-    assert exit_.value.code not in (0, None)
-    message = str(exit_.value.code)
+    assert pretrain(out, "--steps", "1") == 2
+    message = capsys.readouterr().err
     assert "already holds a run" in message and "--resume" in message
     assert (out / "checkpoint.pt").read_bytes() == before
 

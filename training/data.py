@@ -157,6 +157,18 @@ def open_dataset(spec: str, split: str = "train"):
     return FolderImages(path)
 
 
+def looks_colour(source, n: int = 16) -> bool:
+    """True when any of the first n images has channels that differ (a colour photograph)."""
+    for i in range(min(n, len(source))):
+        img = source.image(i)
+        if img.mode in ("L", "LA", "1", "I", "I;16", "F"):
+            continue
+        rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
+        if np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max() > 8:
+            return True
+    return False
+
+
 def random_resized_crop(
     img: Image.Image,
     rng: np.random.Generator,

@@ -74,15 +74,37 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict, title: str) -> None:
-    """One --flag per field of `cls`, default None (meaning: keep the preset's value)."""
+def _shown(value) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":")) if value else "{}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def preset_values(name: str, configs: dict) -> str:
+    """'[preset: a X; b Y]' (or '[every preset: X]') for field `name` of each preset's config."""
+    values = {preset: _shown(getattr(cfg, name)) for preset, cfg in configs.items()}
+    if len(set(values.values())) == 1:
+        return f"[every preset: {next(iter(values.values()))}]"
+    return "[preset: " + "; ".join(f"{k} {v}" for k, v in values.items()) + "]"
+
+
+def add_dataclass_options(
+    parser: argparse.ArgumentParser, cls, helps: dict, title: str, presets: dict | None = None
+) -> None:
+    """One --flag per field of `cls`, default None (meaning: keep the preset's value); with
+    `presets` ({name: config}), each help ends with the presets' values."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         if f.name not in helps:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(dest=f.name, default=None, help=helps[f.name])
+        help_ = helps[f.name]
+        if presets:
+            help_ += " " + preset_values(f.name, presets)
+        kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
         if isinstance(default, bool):
             kw["type"] = _bool
         elif isinstance(default, dict):
@@ -96,8 +118,12 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, helps: dict, tit
         group.add_argument(flag, **kw)
 
 
+def given_options(args: argparse.Namespace, helps: dict) -> dict:
+    """The options of `helps` the user gave on the command line (lists as tuples)."""
+    given = {k: getattr(args, k) for k in helps if getattr(args, k, None) is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+
+
 def apply_overrides(config, args: argparse.Namespace, helps: dict):
     """A copy of `config` with every option the user gave."""
-    given = {k: getattr(args, k) for k in helps if getattr(args, k, None) is not None}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return dataclasses.replace(config, **given)
+    return dataclasses.replace(config, **given_options(args, helps))

@@ -47,6 +47,8 @@ class Preset:
     description: str = ""
 
 
+DEFAULT_PRESET = "vit-tiny-fmnist"
+
 PRESETS: dict[str, Preset] = {
     "vit-tiny-fmnist": Preset(
         ModelConfig(

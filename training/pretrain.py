@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,13 +22,19 @@ from simmim_core.nn.model import ModelConfig, SimMIM
 from simmim_core.preprocess import Preprocessing, preprocess
 from simmim_core.visualize import reconstruction_grid
 
-from .checkpoint import checkpoint_dict, load_checkpoint, save_atomic, state_digest
-from .data import PretrainDataset, epoch_batches, open_dataset
+from .checkpoint import CheckpointError, checkpoint_dict, load_checkpoint, save_atomic
+from .data import PretrainDataset, epoch_batches, looks_colour, open_dataset
+from .device import amp_dtype, check_replicas_agree, init_distributed
 from .loop import train_one_epoch
 from .online_eval import OnlineKNN
-from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides
+from .optim import param_groups
+from .options import MODEL_HELP, TRAIN_HELP, add_dataclass_options, apply_overrides, given_options
 from .plots import loss_curve
-from .presets import PRESETS, TrainConfig
+from .presets import DEFAULT_PRESET, PRESETS, TrainConfig
+from .run_folder import HelpFormatter, MetricsLog, UsageError, crossed, resolve_data
+
+# what may change when a run is resumed: the schedule's length, and how it is run
+RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,20 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="simmim pretrain",
         description="Pretrain a SimMIM encoder. Runs under torchrun for several processes "
         "(DistributedDataParallel, gloo on CPU, nccl on GPU). Every preset value can "
-        "be overridden by the options below.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "be overridden by the options below; a resumed run keeps its own.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--preset",
-        default="vit-tiny-fmnist",
+        default=None,
         choices=sorted(PRESETS),
-        help="named model + recipe: "
+        help=f"named model + recipe (default: {DEFAULT_PRESET}): "
         + "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()),
     )
     p.add_argument(
         "--data",
-        default="fashion-mnist",
-        help="fashion-mnist, synthetic[:N] or a folder of images (recursive)",
+        default=None,
+        help="fashion-mnist, synthetic[:N] or a folder of images (recursive; the "
+        "first-level subfolders name classes for --eval-every) (default: "
+        "fashion-mnist; a resumed run uses its own)",
     )
     p.add_argument(
         "--out",
@@ -61,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="auto",
         default=None,
-        help="continue exactly from a checkpoint (default: RUN_DIR/checkpoint.pt)",
+        help="continue the run in --out exactly where it stopped, with its own data "
+        "and configuration (or from the checkpoint file given); --epochs or --steps "
+        "may extend its schedule, other options must agree with the run",
     )
     p.add_argument(
         "--save-every",
@@ -78,31 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
         "logged to metrics.jsonl and drawn in loss_curve.png; 0: off",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    add_dataclass_options(p, ModelConfig, MODEL_HELP, "model (overrides the preset)")
-    add_dataclass_options(p, TrainConfig, TRAIN_HELP, "training recipe (overrides the preset)")
+    add_dataclass_options(
+        p,
+        ModelConfig,
+        MODEL_HELP,
+        "model (overrides the preset)",
+        {k: v.model for k, v in PRESETS.items()},
+    )
+    add_dataclass_options(
+        p,
+        TrainConfig,
+        TRAIN_HELP,
+        "training recipe (overrides the preset)",
+        {k: v.train for k, v in PRESETS.items()},
+    )
     return p
-
-
-NO_DECAY_SUFFIXES = ("mask_token", "cls_token", "reg_token", "dist_token", "pos_embed")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay for biases, norms, tokens, position embeddings and Swin's relative position
-    bias tables (1-d or named), as SimMIM's no_weight_decay() and no_weight_decay_keywords()."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = (
-            p.ndim <= 1
-            or name.endswith(NO_DECAY_SUFFIXES)
-            or "relative_position_bias_table" in name
-        )
-        (no_decay if skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def eval_preprocessing(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Preprocessing:
@@ -118,69 +119,174 @@ def eval_preprocessing(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Prepro
     )
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world, device); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return dist.get_rank(), world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def saved_configs(ckpt: dict) -> tuple[ModelConfig, TrainConfig]:
+    model_cfg = ModelConfig(**ckpt["model_config"])
+    saved = ckpt["train_config"]
+    train_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    return model_cfg, train_cfg
 
 
-def amp_dtype(mode: str, device: torch.device):
-    if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if supported else None
+def resumed_run(args, out: Path) -> tuple[dict, ModelConfig, TrainConfig, str, str]:
+    """(checkpoint, model config, train config, data, preset) of the run to continue: its own,
+    with the schedule options given; UsageError if any other option disagrees with it."""
+    path = out / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        raise UsageError(
+            f"--resume: no checkpoint at {path}; start a new run without --resume, "
+            "or give the --out of the run to continue"
+        )
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    model_cfg, train_cfg = saved_configs(ckpt)
+    config = (
+        json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    )
+    preset = config.get("preset", DEFAULT_PRESET)
+    data = ckpt["data"]
+    given = {**given_options(args, MODEL_HELP), **given_options(args, TRAIN_HELP)}
+    if args.data is not None:
+        given["data"] = resolve_data(args.data)
+    if args.preset is not None:
+        given["preset"] = args.preset
+    saved = {**model_cfg.to_dict(), **train_cfg.to_dict(), "data": data, "preset": preset}
+    for name, value in given.items():
+        before = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+        if name not in RESUME_MAY_CHANGE and value != before:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} {value} conflicts with the run in {out} ({before}); a "
+                "resumed run keeps its data and configuration: drop the option, "
+                "or start a new run in another --out"
+            )
+    return (
+        ckpt,
+        model_cfg,
+        apply_overrides(train_cfg, args, dict.fromkeys(RESUME_MAY_CHANGE)),
+        data,
+        preset,
+    )
+
+
+def fitting_batch_size(images: int, world: int, accum: int) -> int:
+    """The largest power of two such that one step's batch fits in `images`."""
+    per_process = max(1, images // world // accum)
+    return 1 << (per_process.bit_length() - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    preset = PRESETS[args.preset]
-    model_cfg = apply_overrides(preset.model, args, MODEL_HELP)
-    train_cfg = apply_overrides(preset.train, args, TRAIN_HELP)
+    try:
+        return pretrain(args, argv)
+    except UsageError as e:
+        print(f"simmim pretrain: {e}", file=sys.stderr)
+        return 2
+
+
+def pretrain(args, argv) -> int:
     rank, world, device = init_distributed()
     out: Path = args.out
-    resume_path = None
+    ckpt = None
     if args.resume is not None:
-        resume_path = out / "checkpoint.pt" if args.resume == "auto" else Path(args.resume)
-    ckpt = load_checkpoint(resume_path) if resume_path else None
-    if ckpt is not None:  # the run's own configuration wins over the preset
-        model_cfg = ModelConfig(**ckpt["model_config"])
-        saved = ckpt["train_config"]
-        train_cfg = TrainConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        ckpt, model_cfg, train_cfg, data, preset = resumed_run(args, out)
+    else:
+        preset = args.preset or DEFAULT_PRESET
+        model_cfg = apply_overrides(PRESETS[preset].model, args, MODEL_HELP)
+        train_cfg = apply_overrides(PRESETS[preset].train, args, TRAIN_HELP)
+        data = resolve_data(args.data or "fashion-mnist")
+        if (out / "checkpoint.pt").exists():
+            raise UsageError(
+                f"{out} already holds a run; use --resume to continue it or choose another --out"
+            )
+    try:
+        source = open_dataset(data, "train")
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        torch.manual_seed(train_cfg.seed)
+        model = SimMIM(model_cfg).to(device)
+        mask_gen = MaskGenerator(
+            model_cfg.image_size,
+            model_cfg.mask_patch_size,
+            model.patch_size,
+            model_cfg.mask_ratio,
+            model_cfg.mask_kind,
         )
-        train_cfg = apply_overrides(
-            train_cfg, args, {k: 1 for k in ("steps", "epochs", "workers", "log_every")}
-        )
-    elif rank == 0 and (out / "checkpoint.pt").exists():
-        sys.exit(
-            f"simmim pretrain: {out} already holds a run; use --resume to continue it "
-            "or choose another --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(train_cfg.seed)
-    model = SimMIM(model_cfg).to(device)
-    mask_gen = MaskGenerator(
-        model_cfg.image_size,
-        model_cfg.mask_patch_size,
-        model.patch_size,
-        model_cfg.mask_ratio,
-        model_cfg.mask_kind,
-    )
-    source = open_dataset(args.data, "train")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if len(source) // world < train_cfg.batch_size * train_cfg.accum_steps:
+        fit = fitting_batch_size(len(source), world, train_cfg.accum_steps)
+        if ckpt is not None or args.batch_size is not None:
+            raise UsageError(
+                f"{len(source)} images are fewer than one step's batch "
+                f"({train_cfg.batch_size * train_cfg.accum_steps * world}); use "
+                f"--batch-size {fit} or add images"
+            )
+        if rank == 0:
+            print(
+                f"{len(source)} images: batch size lowered from {train_cfg.batch_size} to "
+                f"{fit} so that one step fits (set --batch-size to choose)",
+                flush=True,
+            )
+        train_cfg = dataclasses.replace(train_cfg, batch_size=fit)
     two_views = model_cfg.sim_loss in ("cosine", "contrastive")
     color = "L" if model_cfg.in_chans == 1 else "RGB"
     dataset = PretrainDataset(source, model_cfg.image_size, color, train_cfg, two_views)
+    online = None
+    if args.eval_every and rank == 0:
+        try:
+            online = OnlineKNN(
+                source, eval_preprocessing(model_cfg, train_cfg), seed=train_cfg.seed
+            )
+        except ValueError as e:
+            raise UsageError(f"--eval-every: {e}") from None
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return train(
+            args,
+            argv,
+            out,
+            ckpt,
+            model,
+            mask_gen,
+            model_cfg,
+            train_cfg,
+            data,
+            preset,
+            source,
+            dataset,
+            online,
+            rank,
+            world,
+            device,
+        )
+    except BaseException:
+        if created and rank == 0 and not (out / "checkpoint.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)  # leave no empty run folder behind
+        raise
+
+
+def train(
+    args,
+    argv,
+    out,
+    ckpt,
+    model,
+    mask_gen,
+    model_cfg,
+    train_cfg,
+    data,
+    preset,
+    source,
+    dataset,
+    online,
+    rank,
+    world,
+    device,
+) -> int:
+    """The training run proper, once every option has been checked."""
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -192,11 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         param_groups(model, train_cfg.weight_decay), lr=lr, betas=tuple(train_cfg.betas), eps=1e-8
     )
     steps_per_epoch = len(dataset) // world // train_cfg.batch_size // train_cfg.accum_steps
-    if steps_per_epoch < 1:
-        sys.exit(
-            f"simmim pretrain: {len(dataset)} images are fewer than one step's batch "
-            f"({batch_total}); lower --batch-size"
-        )
     total_steps = train_cfg.steps or math.ceil(train_cfg.epochs * steps_per_epoch)
     warmup_steps = round(train_cfg.warmup_epochs * steps_per_epoch)
     step = 0
@@ -208,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = eval_preprocessing(model_cfg, train_cfg)
     if rank == 0:
         config = {
-            "preset": args.preset,
-            "data": args.data,
+            "preset": preset,
+            "data": data,
             "world_size": world,
             "device": str(device),
             "lr": lr,
@@ -223,10 +324,23 @@ def main(argv: list[str] | None = None) -> int:
             "command": "simmim pretrain " + shlex.join(argv if argv is not None else sys.argv[1:]),
         }
         (out / "config.json").write_text(json.dumps(config, indent=2))
+        colour = data not in ("fashion-mnist",) and model_cfg.in_chans == 1 and looks_colour(source)
+        print(
+            f"training a {model_cfg.in_chans}-channel {model_cfg.image_size} px model "
+            f"(preset {preset})"
+            + (
+                "; your images are in colour: use --in-chans 3 "
+                "--image-size 224 (or --preset vit-base-224) to keep "
+                "colour"
+                if colour
+                else ""
+            ),
+            flush=True,
+        )
         print(
             f"pretraining {model_cfg.arch} on {len(dataset)} images ({source.skipped} "
             f"unreadable skipped), {total_steps} steps of {batch_total} images, lr {lr:.3g}, "
-            f"{world} process(es) on {device}",
+            f"{world} process(es) on {device}" + (f", from step {step}" if step else ""),
             flush=True,
         )
     bar = tqdm(
@@ -236,15 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         unit="step",
         dynamic_ncols=True,
     )
-    if rank == 0:
-        trim_metrics(out / "metrics.jsonl", step)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    online = OnlineKNN(source, spec, seed=train_cfg.seed) if args.eval_every and rank == 0 else None
+    metrics = MetricsLog(out / "metrics.jsonl", step) if rank == 0 else None
 
     def evaluate_online(epoch: float) -> None:
         result = online(model, device)
-        metrics.write(json.dumps({"step": step, "epoch": epoch, **result}) + "\n")
-        metrics.flush()
+        metrics.write({"step": step, "epoch": epoch, **result})
         bar.write(
             f"epoch {epoch:g}: online kNN top-1 {result['knn_top1']:.4f} "
             f"(whitened {result['knn_top1_whitened']:.4f}, {result['eval_seconds']} s)"
@@ -255,12 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     def save(epoch: int) -> None:
-        if rank != 0:
-            return
-        save_atomic(
-            checkpoint_dict(model, optimizer, step, epoch, train_cfg, spec, args.data),
-            out / "checkpoint.pt",
-        )
+        if rank == 0:
+            save_atomic(
+                checkpoint_dict(model, optimizer, step, epoch, train_cfg, spec, data),
+                out / "checkpoint.pt",
+            )
 
     def on_step(s: int, parts: dict, step_lr: float, n_images: int, seconds: float) -> None:
         nonlocal step
@@ -268,15 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{step_lr:.2e}")
         if metrics and (s % train_cfg.log_every == 0 or s == total_steps):
-            row = {
-                "step": s,
-                "epoch": s / steps_per_epoch,
-                "lr": step_lr,
-                "img_per_s": n_images * world / max(seconds, 1e-9),
-                **parts,
-            }
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.write(
+                {
+                    "step": s,
+                    "epoch": s / steps_per_epoch,
+                    "lr": step_lr,
+                    "img_per_s": n_images * world / max(seconds, 1e-9),
+                    **parts,
+                }
+            )
         if args.save_every and s % args.save_every == 0:
             save(s // steps_per_epoch)
 
@@ -317,17 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             on_step=on_step,
         )
         done_epochs = step / steps_per_epoch
-        if online is not None and (step >= total_steps or _crossed(done_epochs, args.eval_every)):
+        if online is not None and (step >= total_steps or crossed(done_epochs, args.eval_every)):
             evaluate_online(round(done_epochs, 4))
         save(step // steps_per_epoch)
         if rank == 0:
             write_pictures(model, source, spec, mask_gen, out, epoch, device)
     bar.close()
     if metrics:
-        metrics.write(
-            json.dumps({"done": True, "steps": step, "seconds": round(time.time() - started, 1)})
-            + "\n"
-        )
+        metrics.write({"done": True, "steps": step, "seconds": round(time.time() - started, 1)})
         metrics.close()
     if world > 1:
         check_replicas_agree(model, rank, world)
@@ -336,33 +442,6 @@ def main(argv: list[str] | None = None) -> int:
         del ddp_model
         dist.destroy_process_group()
     return 0
-
-
-def _crossed(epochs: float, every: float) -> bool:
-    """True when `epochs` (just completed) is a multiple of `every` (within rounding)."""
-    return abs(epochs / every - round(epochs / every)) < 1e-6
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after `step` (a resumed run logs them again), so that
-    metrics.jsonl never holds a step twice."""
-    if not path.exists():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-    keep = [json.dumps(r) for r in rows if "done" not in r and r.get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def check_replicas_agree(model: torch.nn.Module, rank: int, world: int) -> None:
-    """DDP keeps every replica identical; verify it bit for bit at the end of a run."""
-    digests = [None] * world
-    dist.all_gather_object(digests, state_digest(model.state_dict()))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"the {world} replicas ended with different parameters: {digests}")
-    if rank == 0:
-        print(f"parameters identical on all {world} ranks (sha256 {digests[0]})", flush=True)
 
 
 @torch.no_grad()
