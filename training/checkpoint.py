@@ -79,10 +79,12 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def inference_model(checkpoint, pooling: str | None = None):
-    """(SimMIM in eval mode, checkpoint dict) without the training-only heads (projection, EMA).
+def inference_model(checkpoint, **features):
+    """(SimMIM in eval mode, checkpoint dict) without the training-only heads (projection, EMA,
+    a fine-tuning classifier).
 
-    pooling overrides the checkpoint's embedding pooling (it has no weights of its own).
+    features: pooling, feature_layer, feature_norm overriding the checkpoint's (None: keep);
+    they choose which features are the embedding and have no weights of their own.
     Raises CheckpointError when the weights do not fit the recorded architecture.
     """
     from dataclasses import replace
@@ -92,7 +94,8 @@ def inference_model(checkpoint, pooling: str | None = None):
     ckpt = load_checkpoint(checkpoint)
     try:
         cfg = ModelConfig(**ckpt["model_config"])
-        cfg = replace(cfg, sim_loss="none", pooling=pooling or cfg.pooling)
+        given = {k: v for k, v in features.items() if v is not None}
+        cfg = replace(cfg, sim_loss="none", **given)
         model = SimMIM(cfg)
         state = {
             k: v for k, v in ckpt["model"].items() if not k.startswith(("proj.", "ema_encoder."))

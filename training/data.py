@@ -157,6 +157,39 @@ def open_dataset(spec: str, split: str = "train"):
     return FolderImages(path)
 
 
+class SubsetImages:
+    """Images `idx` of another source, with its classes."""
+
+    def __init__(self, source, idx: np.ndarray):
+        self.source, self.idx = source, np.asarray(idx)
+        self.labels = np.asarray(source.labels)[self.idx]
+        self.classes, self.skipped = source.classes, 0
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def image(self, i: int):
+        return self.source.image(int(self.idx[i]))
+
+    def encoded(self, i: int):
+        return self.source.encoded(int(self.idx[i]))
+
+
+def split_holdout(source, fraction: float, seed: int = 0) -> tuple[SubsetImages, SubsetImages]:
+    """(train, held out): a seeded `fraction` of every class held out (at least one image of a
+    class with two or more)."""
+    rng = np.random.default_rng([seed, 3])
+    labels = np.asarray(source.labels)
+    held = []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        take = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.extend(members[:take].tolist())
+    mask = np.zeros(len(labels), bool)
+    mask[held] = True
+    return SubsetImages(source, np.flatnonzero(~mask)), SubsetImages(source, np.flatnonzero(mask))
+
+
 def looks_colour(source, n: int = 16) -> bool:
     """True when any of the first n images has channels that differ (a colour photograph)."""
     for i in range(min(n, len(source))):
@@ -198,39 +231,53 @@ def random_resized_crop(
     )
 
 
-class PretrainDataset(torch.utils.data.Dataset):
-    """Augmented views for pretraining: [C, S, S] float32, or two views when two_views."""
+class AugmentedViews(torch.utils.data.Dataset):
+    """Augmented training views: item i is (view,), (view, view2) with two_views, or
+    (view, label) with labels; each view float32 [C, S, S], S = spec.crop_size.
 
-    def __init__(self, source, size: int, color_mode: str, train_cfg, two_views: bool):
-        from simmim_core.preprocess import Preprocessing
+    RandomResizedCrop(crop_scale, crop_ratio) to S (spec's interpolation), a horizontal flip
+    when hflip, normalised by spec's mean and std; drawn from rng(seed, epoch, i), so a resumed
+    run sees exactly the same pixels (set `epoch` before each epoch).
+    """
 
-        self.source, self.size, self.color_mode, self.cfg = source, size, color_mode, train_cfg
-        self.two_views = two_views
-        self.epoch = 0
-        self.norm = Preprocessing(
-            color_mode,
-            size,
-            size,
-            train_cfg.interpolation,
-            tuple(train_cfg.mean),
-            tuple(train_cfg.std),
+    def __init__(
+        self,
+        source,
+        spec,
+        crop_scale: tuple[float, float],
+        crop_ratio: tuple[float, float],
+        hflip: bool,
+        seed: int,
+        two_views: bool = False,
+        labels: bool = False,
+    ):
+        self.source, self.spec = source, spec
+        self.crop_scale, self.crop_ratio, self.hflip, self.seed = (
+            crop_scale,
+            crop_ratio,
+            hflip,
+            seed,
         )
+        self.two_views, self.labels = two_views, labels
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.source)
 
     def _view(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         view = random_resized_crop(
-            img, rng, self.size, self.cfg.crop_scale, self.cfg.crop_ratio, self.cfg.interpolation
+            img, rng, self.spec.crop_size, self.crop_scale, self.crop_ratio, self.spec.interpolation
         )
-        if self.cfg.hflip and rng.random() < 0.5:
+        if self.hflip and rng.random() < 0.5:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(normalize(np.asarray(view), self.norm))
+        return torch.from_numpy(normalize(np.asarray(view), self.spec))
 
     def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, i])
-        img = to_color_mode(self.source.image(i), self.color_mode)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        img = to_color_mode(self.source.image(i), self.spec.color_mode)
         first = self._view(img, rng)
+        if self.labels:
+            return first, int(self.source.labels[i])
         return (first, self._view(img, rng)) if self.two_views else (first,)
 
 

@@ -19,7 +19,11 @@ from tqdm import tqdm
 
 from simmim_core.preprocess import Preprocessing, preprocess
 
-from .data import open_dataset
+from .checkpoint import CheckpointError, inference_model, load_checkpoint
+from .data import open_dataset, split_holdout
+from .options import parse_bool
+from .projection import fit_projection, parse_projection
+from .run_folder import HelpFormatter
 
 
 def batched_embed(
@@ -41,11 +45,10 @@ def batched_embed(
     return np.concatenate(out)
 
 
-def checkpoint_embedder(path, pooling: str | None = None):
-    """(preprocessing, fn) for a training checkpoint, run in PyTorch on the CPU."""
-    from .checkpoint import inference_model
-
-    model, ckpt = inference_model(path, pooling)
+def checkpoint_embedder(path, **features):
+    """(preprocessing, fn) for a training checkpoint, run in PyTorch on the CPU; features:
+    pooling, feature_layer, feature_norm overriding the checkpoint's."""
+    model, ckpt = inference_model(path, **features)
 
     @torch.no_grad()
     def fn(pixels):
@@ -129,16 +132,19 @@ def linear_probe_top1(
         return float((head(xt).argmax(1).numpy() == test_labels).mean())
 
 
-def split_labeled(spec: str, test_spec: str | None):
-    """(bank, queries) image sources: fashion-mnist train/test, or a folder (+ test folder)."""
+def split_labeled(spec: str, test_spec: str | None, holdout: float = 0.0):
+    """(train, test) image sources: fashion-mnist train/test, or a folder and a test folder; a
+    folder alone is split (holdout of it, seeded) when holdout > 0, else ValueError."""
     name = spec.partition(":")[0]
     if name == "fashion-mnist":
         return open_dataset(name, "train"), open_dataset(name, "test")
     if name == "synthetic":  # synthetic:N keeps its N for both splits
         return open_dataset(spec, "train"), open_dataset(spec, "test")
-    if test_spec is None:
-        sys.exit("simmim evaluate: a folder needs --test-data (a folder with the same classes)")
-    return open_dataset(spec), open_dataset(test_spec)
+    if test_spec is not None:
+        return open_dataset(spec), open_dataset(test_spec)
+    if holdout <= 0:
+        raise ValueError("a folder needs --test-data (a folder with the same classes)")
+    return split_holdout(open_dataset(spec), holdout)
 
 
 def evaluate(
@@ -150,13 +156,19 @@ def evaluate(
     probe_epochs: int,
     batch_size: int = 512,
     progress: bool = True,
+    project: str | None = None,
 ) -> dict:
-    """Embed both sets and measure kNN and linear-probe top-1."""
+    """Embed both sets and measure kNN and linear-probe top-1; with project ('pca:D' or
+    'pca-whiten:D'), a projection fitted on the bank is applied to both sets first."""
     spec, fn = embedder
     t0 = time.perf_counter()
     bank = batched_embed(bank_src, spec, fn, batch_size, progress, "embed train")
     queries = batched_embed(query_src, spec, fn, batch_size, progress, "embed test")
     seconds = time.perf_counter() - t0
+    projection = None
+    if project:
+        projection = fit_projection(bank, *parse_projection(project))
+        bank, queries = projection(bank), projection(queries)
     report = {
         "knn_top1": knn_top1(bank, bank_src.labels, queries, query_src.labels, k, temperature),
         "k": k,
@@ -166,6 +178,8 @@ def evaluate(
         "test_images": len(queries),
         "embed_seconds": round(seconds, 1),
     }
+    if projection is not None:
+        report["projection"] = projection.describe()
     if probe_epochs > 0:
         report["linear_probe_top1"] = linear_probe_top1(
             bank, bank_src.labels, queries, query_src.labels, probe_epochs
@@ -179,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="simmim evaluate",
         description="kNN (cosine, temperature-weighted votes) and linear-probe top-1 of an "
         "encoder's embeddings; the training split is the kNN bank and the probe's "
-        "training set, the test split is scored.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "training set, the test split is scored. A fine-tuned checkpoint also reports its "
+        "classifier's top-1.",
+        formatter_class=HelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run folder or checkpoint.pt (PyTorch)")
@@ -188,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--pixels",
         action="store_true",
-        help="raw pixels as embeddings (baseline); needs --image-size",
+        help="raw pixels as embeddings (the baseline); see --image-size",
     )
     p.add_argument(
         "--data",
@@ -198,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", help="test folder (when --data is a folder)")
     p.add_argument(
         "--pooling", help="with --checkpoint: override the embedding pooling (mean, cls, gridK)"
+    )
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        help="with --checkpoint: embed the tokens after this ViT block (0: last)",
+    )
+    p.add_argument(
+        "--feature-norm",
+        type=parse_bool,
+        help="with --checkpoint: pass them through the final norm (true/false)",
+    )
+    p.add_argument(
+        "--project",
+        metavar="pca:D|pca-whiten:D",
+        help="project every embedding to D dimensions with PCA or PCA-whitening "
+        "fitted on the training split (as simmim export --project bakes in), so that "
+        "pixels and encoders compare under the same projection (default: none)",
     )
     p.add_argument("--int8", action="store_true", help="use encoder.int8.onnx of --model-dir")
     p.add_argument("--image-size", type=int, default=32, help="pixel baseline: image size")
@@ -212,9 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"simmim evaluate: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def run(args) -> dict:
+    features = {
+        "pooling": args.pooling,
+        "feature_layer": args.feature_layer,
+        "feature_norm": args.feature_norm,
+    }
     if args.checkpoint:
-        embedder = checkpoint_embedder(args.checkpoint, args.pooling)
-        what = {"checkpoint": args.checkpoint, "pooling": args.pooling}
+        embedder = checkpoint_embedder(args.checkpoint, **features)
+        what = {"checkpoint": args.checkpoint, **features}
     elif args.model_dir:
         embedder = model_dir_embedder(args.model_dir, args.int8)
         what = {"model_dir": args.model_dir, "int8": args.int8}
@@ -224,7 +274,7 @@ def main(argv=None) -> int:
         embedder = pixel_embedder(
             Preprocessing("L", args.image_size, args.image_size, "bicubic", FMNIST_MEAN, FMNIST_STD)
         )
-        what = {"pixels": True}
+        what = {"pixels": True, "image_size": args.image_size}
     bank_src, query_src = split_labeled(args.data, args.test_data)
     report = {
         **what,
@@ -238,13 +288,24 @@ def main(argv=None) -> int:
             args.probe_epochs,
             args.batch_size,
             not args.no_progress,
+            args.project,
         ),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    if args.checkpoint and "head" in load_checkpoint(args.checkpoint):
+        report["finetuned_top1"] = classifier_top1(args.checkpoint, query_src)
+    return report
+
+
+def classifier_top1(checkpoint, source) -> float:
+    """Top-1 of a fine-tuned checkpoint's own classifier (its head on its features)."""
+    from .finetune import Classifier, top1
+
+    model, ckpt = inference_model(checkpoint)
+    classifier = Classifier(model, len(ckpt["finetune"]["classes"]))
+    classifier.head.load_state_dict(ckpt["head"])
+    return top1(
+        classifier, source, Preprocessing.from_dict(ckpt["preprocessing"]), torch.device("cpu")
+    )
 
 
 if __name__ == "__main__":

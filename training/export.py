@@ -37,6 +37,9 @@ from simmim_core.nn.model import SimMIM
 from simmim_core.preprocess import Preprocessing, preprocess
 
 from .checkpoint import CheckpointError, inference_model
+from .options import parse_bool
+from .projection import Projection, fit_projection, parse_projection
+from .run_folder import HelpFormatter
 
 OPSETS = range(18, 24)  # what torch.onnx's dynamo exporter emits and onnxruntime runs
 EMBED_ATOL, RECON_ATOL = 1e-4, 1e-3
@@ -47,14 +50,20 @@ class ExportError(RuntimeError):
 
 
 class EncoderGraph(torch.nn.Module):
-    """pixels [N, C, H, W] -> embedding [N, D] (pooled, not normalised)."""
+    """pixels [N, C, H, W] -> embedding [N, D] (pooled, not normalised), then (x - mean) @
+    matrix when a projection [D, d] was fitted: [N, d]."""
 
-    def __init__(self, model: SimMIM):
+    def __init__(self, model: SimMIM, projection: Projection | None = None):
         super().__init__()
         self.model = model
+        self.projected = projection is not None
+        if projection is not None:
+            self.register_buffer("mean", torch.from_numpy(projection.mean))
+            self.register_buffer("matrix", torch.from_numpy(projection.matrix))
 
     def forward(self, pixels):
-        return self.model.embed(pixels)
+        z = self.model.embed(pixels)
+        return (z - self.mean) @ self.matrix if self.projected else z
 
 
 class ReconstructGraph(torch.nn.Module):
@@ -94,7 +103,7 @@ def ort_version() -> str:
 
 
 def parity_images(data: str | None, n: int, size: int, seed: int = 0) -> list:
-    """n real images from `data` (when readable) plus n random-noise images, as PIL images."""
+    """n real images from `data` (when readable; else a warning) plus n random-noise images."""
     from PIL import Image
 
     from .data import open_dataset
@@ -105,7 +114,15 @@ def parity_images(data: str | None, n: int, size: int, seed: int = 0) -> list:
         for _ in range(n)
     ]
     if data:
-        source = open_dataset(data, "test" if data.startswith("fashion-mnist") else "train")
+        try:
+            source = open_dataset(data, "test" if data.startswith("fashion-mnist") else "train")
+        except (FileNotFoundError, ValueError) as e:
+            print(
+                f"warning: parity data {data} cannot be read ({e}); checking parity on "
+                "random images only (give --parity-data to use real ones)",
+                file=sys.stderr,
+            )
+            return images
         images += [
             source.encoded(int(i))
             for i in rng.choice(len(source), min(n, len(source)), replace=False)
@@ -113,7 +130,9 @@ def parity_images(data: str | None, n: int, size: int, seed: int = 0) -> list:
     return images
 
 
-def check_parity(model: SimMIM, folder: Path, pixels: np.ndarray, mask: np.ndarray) -> dict:
+def check_parity(
+    encoder: EncoderGraph, model: SimMIM, folder: Path, pixels: np.ndarray, mask: np.ndarray
+) -> dict:
     """onnxruntime vs PyTorch on the same pixels; raise ExportError past the tolerances."""
     import onnxruntime as ort
 
@@ -121,7 +140,7 @@ def check_parity(model: SimMIM, folder: Path, pixels: np.ndarray, mask: np.ndarr
     enc = ort.InferenceSession(str(folder / ENCODER), opts, providers=["CPUExecutionProvider"])
     rec = ort.InferenceSession(str(folder / RECONSTRUCT), opts, providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        t_emb = model.embed(torch.from_numpy(pixels)).numpy()
+        t_emb = encoder(torch.from_numpy(pixels)).numpy()
         t_rec = model.reconstruct(torch.from_numpy(pixels), torch.from_numpy(mask)).numpy()
     o_emb = enc.run(["embedding"], {"pixels": pixels})[0]
     o_rec = rec.run(["reconstruction"], {"pixels": pixels, "mask": mask})[0]
@@ -206,12 +225,19 @@ def export_model_dir(
     parity_data: str | None = None,
     eval_data: str | None = None,
     pooling: str | None = None,
+    feature_layer: int | None = None,
+    feature_norm: bool | None = None,
+    project: str | None = None,
+    project_data: str | None = None,
     progress: bool = False,
     command: str | None = None,
 ) -> Path:
     """Export `checkpoint` (a run folder or .pt) to the model directory `out`; returns `out`.
 
-    command: the command line that asked for this export, recorded in model.json.
+    pooling, feature_layer, feature_norm: which features are the embedding (None: the
+    checkpoint's). project: 'pca:D' or 'pca-whiten:D', fitted on the training split of
+    project_data (default: the run's data) and baked into encoder.onnx. command: the command
+    line that asked for this export, recorded in model.json.
     """
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists():
@@ -220,17 +246,25 @@ def export_model_dir(
         raise ExportError(
             f"opset {opset} is not supported; choose one of {OPSETS.start}..{OPSETS.stop - 1}"
         )
-    model, ckpt = inference_model(checkpoint, pooling)
+    projection_kind = parse_projection(project) if project else None
+    model, ckpt = inference_model(
+        checkpoint, pooling=pooling, feature_layer=feature_layer, feature_norm=feature_norm
+    )
     cfg = model.cfg
     spec = Preprocessing.from_dict(ckpt["preprocessing"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        projection, fitted_on = None, None
+        if projection_kind is not None:
+            fitted_on = project_data or training_data(ckpt)
+            projection = fit_on_training_split(model, spec, fitted_on, *projection_kind, progress)
+        encoder = EncoderGraph(model, projection).eval()
         t0 = time.perf_counter()
         example = torch.randn(2, cfg.in_chans, cfg.image_size, cfg.image_size)
         grid = model.encoder.grid
         example_mask = torch.zeros(2, *grid)
-        _onnx_export(EncoderGraph(model), (example,), tmp / ENCODER, ["pixels"], "embedding", opset)
+        _onnx_export(encoder, (example,), tmp / ENCODER, ["pixels"], "embedding", opset)
         _onnx_export(
             ReconstructGraph(model),
             (example, example_mask),
@@ -241,7 +275,7 @@ def export_model_dir(
         )
         export_seconds = time.perf_counter() - t0
         pixels = preprocess(
-            parity_images(parity_data or ckpt.get("data"), 16, cfg.image_size), spec
+            parity_images(parity_data or training_data(ckpt), 16, cfg.image_size), spec
         )
         mask = block_mask(
             np.random.default_rng(0),
@@ -251,7 +285,7 @@ def export_model_dir(
             model.patch_size,
             cfg.mask_ratio,
         )
-        parity = check_parity(model, tmp, pixels, mask.astype(np.float32))
+        parity = check_parity(encoder, model, tmp, pixels, mask.astype(np.float32))
         card = {
             "format_version": FORMAT_VERSION,
             "name": name or out.name,
@@ -273,8 +307,17 @@ def export_model_dir(
             "mask_ratio": cfg.mask_ratio,
             "mask_dtype": "float32",
             "preprocessing": spec.to_dict(),
-            "embedding_dim": model.embedding_dim,
+            "embedding_dim": projection.dim if projection else model.embedding_dim,
             "pooling": cfg.pooling,
+            "features": {
+                "feature_layer": cfg.feature_layer,
+                "feature_norm": cfg.feature_norm,
+                "pooling": cfg.pooling,
+                "pooled_dim": model.embedding_dim,
+            },
+            "projection": None
+            if projection is None
+            else {**projection.describe(), "fitted_on": fitted_on, "split": "train"},
             "pretraining": {
                 "sim_loss": cfg.sim_loss,
                 "sim_lambda": cfg.sim_lambda,
@@ -283,6 +326,7 @@ def export_model_dir(
                 "mask_kind": cfg.mask_kind,
             },
             "training": _run_info(checkpoint, ckpt),
+            "finetuned": finetune_card(ckpt),
             "export": {
                 "command": command,
                 "opset": opset,
@@ -315,6 +359,56 @@ def export_model_dir(
     return out
 
 
+def finetune_card(ckpt: dict) -> dict | None:
+    """What model.json says of a fine-tuning: None for a pretrained run; else the labels it
+    learned (data, classes), its recipe, its run and its classifier's test top-1. The served
+    embedding is the pre-logits features; the classifier head itself is not exported."""
+    info = ckpt.get("finetune")
+    if not info:
+        return None
+    return {
+        "data": info["data"],
+        "labels": info["labels"],
+        "classes": info["classes"],
+        "from_run": info["from"],
+        "test_top1": info.get("test_top1"),
+        "layer_decay": info.get("layer_decay"),
+        "recipe": info["config"],
+        "decoder_refit": info.get("decoder_refit"),
+        "serves": "pre-logits features",
+    }
+
+
+def training_data(ckpt: dict) -> str | None:
+    """The data the checkpoint's weights were last trained on (a fine-tuning's, if any)."""
+    return (ckpt.get("finetune") or {}).get("data") or ckpt.get("data")
+
+
+def fit_on_training_split(
+    model: SimMIM, spec: Preprocessing, data: str, kind: str, dim: int, progress: bool
+) -> Projection:
+    """Embed the training split of `data` with `model` and fit the projection on it."""
+    from .data import open_dataset
+    from .evaluate import batched_embed
+
+    try:
+        source = open_dataset(data, "train")
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(
+            f"--project needs the training data to fit on: {e}; give --project-data"
+        ) from None
+
+    @torch.no_grad()
+    def embed(pixels):
+        return model.embed(torch.from_numpy(pixels)).numpy()
+
+    features = batched_embed(source, spec, embed, 512, progress, f"fit {kind}")
+    try:
+        return fit_projection(features, kind, dim)
+    except ValueError as e:
+        raise ExportError(f"--project {kind}:{dim}: {e}") from None
+
+
 def evaluate_dir(folder: Path, data: str, int8: bool, progress: bool) -> dict:
     """kNN and linear-probe top-1 through the exported ONNX files and the shared preprocessing."""
     from .evaluate import evaluate, model_dir_embedder, split_labeled
@@ -339,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a pretraining checkpoint to a model directory: encoder.onnx, "
         "reconstruct.onnx, model.json (and encoder.int8.onnx). Parity with PyTorch "
         "is checked on random and real images; a failed check fails the export.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, help="a run folder (its checkpoint.pt) or a .pt file")
     p.add_argument(
@@ -368,6 +462,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedding pooling of encoder.onnx, overriding the "
         "checkpoint's: mean, cls (ViT) or gridK (K x K average grid, flattened)",
     )
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        help="ViT: embed the tokens after this block (1..depth; 0: the last), "
+        "overriding the checkpoint's",
+    )
+    p.add_argument(
+        "--feature-norm",
+        type=parse_bool,
+        help="ViT: pass the embedded tokens through the final norm (true/false), "
+        "overriding the checkpoint's",
+    )
+    p.add_argument(
+        "--project",
+        metavar="pca:D|pca-whiten:D",
+        help="fit a projection to D dimensions on the training split's embeddings "
+        "(PCA, or PCA-whitening: unit variance per axis) and bake it into "
+        "encoder.onnx; model.json records it (default: none)",
+    )
+    p.add_argument(
+        "--project-data",
+        help="data SPEC whose training split --project is fitted on (default: the "
+        "data the checkpoint was trained on)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -384,10 +502,14 @@ def main(argv=None) -> int:
             parity_data=args.parity_data,
             eval_data=args.eval_data,
             pooling=args.pooling,
+            feature_layer=args.feature_layer,
+            feature_norm=args.feature_norm,
+            project=args.project,
+            project_data=args.project_data,
             progress=not args.no_progress,
             command="simmim export " + shlex.join(sys.argv[2:] if argv is None else argv),
         )
-    except (ExportError, CheckpointError) as e:
+    except (ExportError, CheckpointError, ValueError) as e:
         print(f"simmim export: {e}", file=sys.stderr)
         return 1
     card = json.loads((out / CARD).read_text())

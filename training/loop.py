@@ -1,4 +1,4 @@
-"""One epoch of SimMIM pretraining."""
+"""One epoch of training: SimMIM pretraining, and supervised fine-tuning."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def train_one_epoch(
             continue
         step_lr = lr_at(step, total_steps, warmup_steps, lr, warmup_lr, min_lr)
         for group in optimizer.param_groups:
-            group["lr"] = step_lr
+            group["lr"] = step_lr * group.get("lr_scale", 1.0)
         if clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
@@ -97,4 +97,66 @@ def train_one_epoch(
             time.perf_counter() - t0,
         )
         sums, images, t0 = None, 0, time.perf_counter()
+    return step
+
+
+def finetune_one_epoch(
+    model,
+    loader,
+    optimizer,
+    criterion,
+    *,
+    epoch: int,
+    start_step: int,
+    total_steps: int,
+    warmup_steps: int,
+    lr: float,
+    warmup_lr: float,
+    min_lr: float,
+    clip_grad: float,
+    device: torch.device,
+    amp_dtype,
+    on_step,
+) -> int:
+    """Fine-tune until the loader ends or `total_steps` are done; returns the step.
+
+    `loader` yields (pixels [B, C, H, W], labels [B]); `model(pixels)` gives logits [B, K].
+    Each parameter group's lr is the scheduled lr times its `lr_scale` (layer-wise decay).
+    `on_step(step, {'loss', 'top1'}, lr, n_images, seconds)` after every optimizer step.
+    """
+    step = start_step
+    model.train()
+    t0 = time.perf_counter()
+    for pixels, labels in loader:
+        if step >= total_steps:
+            break
+        pixels, labels = pixels.to(device, non_blocking=True), labels.to(device)
+        step_lr = lr_at(step, total_steps, warmup_steps, lr, warmup_lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr * group.get("lr_scale", 1.0)
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            logits = model(pixels)
+            loss = criterion(logits.float(), labels)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at step {step} (epoch {epoch}); "
+                "stopping. Lower the lr or lengthen the warmup."
+            )
+        loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        top1 = (logits.argmax(1) == labels).float().mean().item()
+        on_step(
+            step,
+            {"loss": loss.item(), "top1": top1},
+            step_lr,
+            len(pixels),
+            time.perf_counter() - t0,
+        )
+        t0 = time.perf_counter()
     return step

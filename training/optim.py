@@ -25,14 +25,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def layer_id(name: str, depth: int) -> int:
-    """0 for what comes before the first block (patch embedding, tokens, positions), i + 1 for
-    block i, depth + 1 for everything after (final norm, head)."""
+def layer_id(name: str, depths: list[int]) -> int:
+    """0 for what comes before the first block (patch embedding, tokens, positions), k + 1 for
+    the k-th block counted over every stage (ViT `blocks.i`; Swin `layers.s.blocks.b`, whose
+    downsampling counts with the stage's last block), sum(depths) + 1 for everything after
+    (final norm, head). As BEiT's and SimMIM's get_layer_id."""
     parts = name.split(".")
-    if "blocks" in parts:
-        i = parts.index("blocks")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1]) + 1
+    stage = 0
+    if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
+        stage = int(parts[parts.index("layers") + 1])
+        if "downsample" in parts:
+            return sum(depths[: stage + 1])
+    if "blocks" in parts and parts[parts.index("blocks") + 1].isdigit():
+        return sum(depths[:stage]) + int(parts[parts.index("blocks") + 1]) + 1
     if any(
         k in name
         for k in (
@@ -46,25 +51,26 @@ def layer_id(name: str, depth: int) -> int:
         )
     ):
         return 0
-    return depth + 1
+    return sum(depths) + 1
 
 
 def layer_decay_groups(
-    model: torch.nn.Module, weight_decay: float, decay: float, depth: int
+    model: torch.nn.Module, weight_decay: float, decay: float, depths: list[int]
 ) -> list[dict]:
-    """Groups per (layer, weight decay); each has `lr_scale` = decay ** (depth + 1 - layer), so
-    the head learns at the full rate and early layers slower (BEiT/SimMIM fine-tuning)."""
+    """Groups per (layer, weight decay); each has `lr_scale` = decay ** (last - layer), last =
+    sum(depths) + 1, so the head learns at the full rate and early layers slower."""
+    last = sum(depths) + 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        layer, skip = layer_id(name, depth), no_decay(name, p)
+        layer, skip = layer_id(name, depths), no_decay(name, p)
         group = groups.setdefault(
             (layer, skip),
             {
                 "params": [],
                 "weight_decay": 0.0 if skip else weight_decay,
-                "lr_scale": decay ** (depth + 1 - layer),
+                "lr_scale": decay ** (last - layer),
                 "layer": layer,
             },
         )

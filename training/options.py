@@ -56,7 +56,7 @@ TRAIN_HELP = {
 }
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -106,7 +106,7 @@ def add_dataclass_options(
             help_ += " " + preset_values(f.name, presets)
         kw = dict(dest=f.name, default=None, help=help_.replace("%", "%%"))
         if isinstance(default, bool):
-            kw["type"] = _bool
+            kw["type"] = parse_bool
         elif isinstance(default, dict):
             kw["type"] = _json_object
         elif isinstance(default, tuple):

@@ -28,19 +28,27 @@ def loss_curve(metrics_path: Path, out_path: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     if evals:
         ax = axes[0, 1]
         epochs = [r["epoch"] for r in evals]
-        ax.plot(epochs, [100 * r["knn_top1"] for r in evals], "o-", label="embedding")
+        if any("val_top1" in r for r in evals):
+            ax.plot(
+                epochs,
+                [100 * r.get("val_top1", float("nan")) for r in evals],
+                "^-",
+                label="test top-1 (classifier)",
+            )
+        ax.plot(epochs, [100 * r["knn_top1"] for r in evals], "o-", label="online kNN")
         ax.plot(
             epochs,
             [100 * r["knn_top1_whitened"] for r in evals],
             "s--",
-            label=f"PCA-whitened to {evals[-1]['whitened_dim']}-d",
+            label=f"online kNN, PCA-whitened to {evals[-1]['whitened_dim']}-d",
         )
         ax.set_xlabel("epoch")
-        ax.set_ylabel("online kNN top-1 (%)")
+        ax.set_ylabel("top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

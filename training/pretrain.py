@@ -23,7 +23,7 @@ from simmim_core.preprocess import Preprocessing, preprocess
 from simmim_core.visualize import reconstruction_grid
 
 from .checkpoint import CheckpointError, checkpoint_dict, load_checkpoint, save_atomic
-from .data import PretrainDataset, epoch_batches, looks_colour, open_dataset
+from .data import AugmentedViews, epoch_batches, looks_colour, open_dataset
 from .device import amp_dtype, check_replicas_agree, init_distributed
 from .loop import train_one_epoch
 from .online_eval import OnlineKNN
@@ -231,8 +231,15 @@ def pretrain(args, argv) -> int:
             )
         train_cfg = dataclasses.replace(train_cfg, batch_size=fit)
     two_views = model_cfg.sim_loss in ("cosine", "contrastive")
-    color = "L" if model_cfg.in_chans == 1 else "RGB"
-    dataset = PretrainDataset(source, model_cfg.image_size, color, train_cfg, two_views)
+    dataset = AugmentedViews(
+        source,
+        eval_preprocessing(model_cfg, train_cfg),
+        train_cfg.crop_scale,
+        train_cfg.crop_ratio,
+        train_cfg.hflip,
+        train_cfg.seed,
+        two_views,
+    )
     online = None
     if args.eval_every and rank == 0:
         try:
