@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         help="another model directory whose encoder speed the model is compared with",
     )
     p.add_argument("--out", type=Path, required=True, help="folder for results.json")
-    p.add_argument("--limit", type=int, default=0,
-                   help="use only the first N training and N test images (a smoke run; 0: all)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="use only the first N training and N test images (a smoke run; 0: all)",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     train, test = open_dataset("fashion-mnist", "train"), open_dataset("fashion-mnist", "test")
