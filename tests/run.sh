@@ -18,5 +18,17 @@ SETUP=../shared/tools/container-setup.sh
 if [ -f "$SETUP" ] && [ "$(id -u)" = 0 ]; then
   bash "$SETUP"
 fi
+# kubectl: Debian has no package of that name (its kubernetes-client is 1.20, too old for
+# kustomize components); this kind of machine ships Google's `kubectl` package (kubectl 1.32,
+# kustomize 5.5), installable by name where that repository is configured.
+if [ "$(id -u)" = 0 ]; then
+  if ! command -v promtool >/dev/null; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+  command -v kubectl >/dev/null \
+    || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null \
+    || echo 'kubectl cannot be installed here: tests/test_deploy*.py will be skipped' >&2
+fi
 ruff check . && ruff format --check . >/dev/null || { echo 'ruff: run ruff check --fix . && ruff format .' >&2; exit 1; }
 exec python -m pytest -q -ra "$@"
