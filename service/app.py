@@ -1,6 +1,15 @@
-"""The FastAPI app (DESIGN §4): `create_app(settings)`; routes validate, call the engine, answer.
+"""The FastAPI app (DESIGN §4): `create_app(settings, backend, peers)`, its routes, and the one
+path every inference request takes.
 
-Layers: routes (here) -> engine (readiness, batchers, thread pools) -> backend (onnxruntime).
+Layers: routes (here) -> engine (readiness, batchers, thread pools) -> backend (a Backend; by
+default onnxruntime). Each inference route names its body schema and its task; `serve` does the
+rest, the same way for every route:
+
+    admit (503 unless ready) -> parse (415, 422, 413) -> decode (400, 413) ->
+    task: batch and run the model (499 if the client leaves, 429, 504) -> render (timing headers)
+
+A new route that takes images (an OpenAI-style /v1/embeddings, say) is a schema, a task that
+returns an Answer, and a three-line handler that calls `serve`.
 """
 
 from __future__ import annotations
@@ -10,8 +19,10 @@ import base64
 import hmac
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TypeVar
@@ -27,17 +38,18 @@ from simmim_core import visualize
 from simmim_core.masking import check_sizes
 from simmim_core.model_dir import ModelDir, ModelDirError, load_model_dir
 
+from .backend import BackendFactory, OnnxBackend
 from .batcher import Timing
 from .engine import Engine
 from .errors import ERRORS, ClientDisconnected, NotReady, Unauthorized, install_error_handlers
 from .inputs import read_body
 from .metrics import Metrics
 from .middleware import BodyLimit, Observe
+from .openapi import error_docs, request_body_docs
 from .processes import Peers
 from .schemas import (
     EmbedRequest,
     EmbedResponse,
-    ErrorResponse,
     ReconstructRequest,
     ReconstructResponse,
     RequestBody,
@@ -52,96 +64,184 @@ except PackageNotFoundError:
     __version__ = "unknown"
 
 T = TypeVar("T")
+Body = TypeVar("Body", bound=RequestBody)
+Images = dict[str, list[np.ndarray]]  # image field -> float32 [C, H, W] per image, in order
 
 # Responses of at most this many numbers are rendered on the event loop (orjson: about 25 ns per
 # number as JSON floats, 10 ns as base64), where a hand-off to a thread would cost more; larger
 # ones in the decode pool.
 INLINE_NUMBERS = 4096
+FAILURES = error_docs(*ERRORS)
 
 
-def error_docs(*exceptions) -> dict:
-    """OpenAPI `responses` for the given ServiceError types (by status)."""
-    return {ERRORS[e][0]: {"model": ErrorResponse} for e in exceptions}
-
-
-def request_body_docs(model: type[RequestBody]) -> dict:
-    """OpenAPI requestBody: the model as JSON (images in base64) or multipart (images as files)."""
-    schema = model.model_json_schema()
-
-    def with_images(image: dict) -> dict:
-        properties = dict(schema["properties"])
-        for name in model.files:
-            properties[name] = {"type": "array", "items": image} if name in model.lists else image
-        return {**schema, "properties": properties}
-
-    base64_image = {
-        "type": "string",
-        "description": "the image file in base64 (a data: URI "
-        "prefix is accepted; URLs are not fetched)",
-    }
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": with_images(base64_image)},
-                "multipart/form-data": {
-                    "schema": with_images({"type": "string", "format": "binary"})
-                },
-            },
-        }
-    }
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """[N, D] -> rows of unit L2 norm (zero rows stay zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def embeddings_body(vectors: np.ndarray, encoding: str, model_name: str) -> dict:
-    """float32 [N, D] -> the /embed response: rows as numbers, or as base64 of little-endian
-    float32 bytes."""
-    out = (
-        [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-        if encoding == "base64"
-        else vectors
+def create_app(
+    settings: Settings, backend: BackendFactory | None = None, peers: Peers | None = None
+) -> FastAPI:
+    """Check the model directory now (ModelDirError if it cannot be served); the backend is
+    loaded, warmed up and timed in the background once the server runs. backend: what loads
+    it (default: onnxruntime, OnnxBackend.from_settings); peers: this process's place among
+    several server processes (default: the only one)."""
+    model = checked_model_dir(settings.model_dir)
+    peers = peers or Peers()
+    metrics = Metrics(multiprocess=peers.count > 1)
+    engine = Engine(settings, model, metrics, peers, backend or OnnxBackend.from_settings)
+    app = FastAPI(
+        title="simmim-service",
+        version=__version__,
+        lifespan=lifespan,
+        description=f"SimMIM image embeddings and reconstructions from {model.name!r}, "
+        "batched dynamically.",
     )
-    return {"model": model_name, "dim": int(vectors.shape[1]), "embeddings": out}
+    app.state.engine = engine
+    install_error_handlers(app)
+    add_routes(app, [Depends(api_key_guard(settings.api_key))] if settings.api_key else [])
+    endpoints = {route.path for route in app.routes}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        Observe, metrics=metrics, endpoints=endpoints, log_requests=settings.log_requests
+    )
+    return app
 
 
-def to_json(payload: dict) -> bytes:
-    """JSON bytes; numpy arrays as numbers (float32 as the shortest text that reads back the
-    same float32)."""
-    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Load the model in the background while serving; at shutdown, finish what is queued."""
+    engine: Engine = app.state.engine
+    engine.start()
+    yield
+    await engine.close()
 
 
-def record_timings(request: Request, timing: Timing, images: int, serialize_s: float) -> dict:
-    """Store the request's timings for the access log; return them as response headers (ms).
+# --- routes: module-level handlers, added to each app by add_routes -------------------------
+def add_routes(app: FastAPI, guarded: list) -> None:
+    """The health routes (open to all), then /info, /metrics and the inference routes (behind
+    `guarded`: the API key, when one is set). Added to the app itself: an included APIRouter
+    costs 20-40 us more per request (FastAPI 0.165)."""
+    app.add_api_route("/health/live", live, tags=["health"])
+    app.add_api_route("/health/ready", ready, tags=["health"], responses=error_docs(NotReady))
+    app.add_api_route("/info", info, dependencies=guarded)
+    app.add_api_route("/metrics", prometheus, dependencies=guarded, response_class=Response)
+    for path, handler, schema, response_model, responses in (
+        ("/embed", embed, EmbedRequest, EmbedResponse, {}),
+        ("/similarity", similarity, SimilarityRequest, SimilarityResponse, {}),
+        ("/reconstruct", reconstruct, ReconstructRequest, ReconstructResponse, PNG_RESPONSE),
+    ):
+        app.add_api_route(
+            path,
+            handler,
+            methods=["POST"],
+            dependencies=guarded,
+            response_model=response_model,
+            openapi_extra=request_body_docs(schema),
+            responses={**FAILURES, **responses},
+        )
 
-    decode: decoding and preprocessing; queue: waiting for a batch; inference: the model calls;
-    serialize: rendering the response body (JSON, or the PNG)."""
-    seconds = {
-        "decode": request.state.decode_s,
-        "queue": timing.queue_s,
-        "inference": timing.inference_s,
-        "serialize": serialize_s,
+
+PNG_RESPONSE = {
+    200: {
+        "content": {"image/png": {}},
+        "description": "JSON, or with 'Accept: image/png' one PNG: original | masked | "
+        "reconstruction, scaled up to at least 256 px each",
     }
-    request.state.timings = seconds
-    request.state.log = {"images": images}
-    return {f"x-{k}-time-ms": f"{v * 1e3:.2f}" for k, v in seconds.items()}
+}
 
 
-def wants_png(request: Request) -> bool:
-    """True when Accept ranks image/png above application/json (ties go to JSON)."""
-    quality = {}
-    for part in request.headers.get("accept", "").split(","):
-        kind, *params = [p.strip() for p in part.split(";")]
-        q = next((p[2:] for p in params if p.startswith("q=")), "1")
-        try:
-            quality[kind.lower()] = float(q)
-        except ValueError:
-            continue
-    json_q = max(quality.get("application/json", 0), quality.get("*/*", 0))
-    return quality.get("image/png", 0) > json_q
+async def live(request: Request) -> dict:
+    """200 while the process serves HTTP; 503 if the model failed to load."""
+    engine: Engine = request.app.state.engine
+    if engine.state == "failed":
+        engine.check_ready()
+    return {"status": "live"}
+
+
+async def ready(request: Request) -> dict:
+    """200 once the model is loaded and warmed up (in every server process); 503 before, and
+    while draining."""
+    request.app.state.engine.check_all_ready()
+    return {"status": "ready"}
+
+
+async def info(request: Request) -> dict:
+    """The model card, the serving settings (API key left out) and the runtime."""
+    engine: Engine = request.app.state.engine
+    return {
+        "model": engine.model.card,
+        "settings": engine.settings.public(),
+        "version": __version__,
+        **engine.info(),
+    }
+
+
+async def prometheus(request: Request) -> Response:
+    """Prometheus text format."""
+    metrics: Metrics = request.app.state.engine.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+async def embed(request: Request) -> Response:
+    """Embed images: [N, D] float32 pooled encoder outputs, L2-normalised unless
+    normalize=false; as numbers, or as base64 of little-endian float32."""
+    return await serve(request, EmbedRequest, embed_images)
+
+
+async def similarity(request: Request) -> Response:
+    """Cosine similarity of every image in a with every image in b (b omitted: a)."""
+    return await serve(request, SimilarityRequest, compare_images)
+
+
+async def reconstruct(request: Request) -> Response:
+    """Mask the image with SimMIM's random block mask and reconstruct it."""
+    task = partial(reconstruct_image, png=wants_png(request))
+    return await serve(request, ReconstructRequest, task)
+
+
+# --- the request path ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    """A response body still to be built: by build() on the event loop if `inline` (cheap),
+    else on the decode pool. images: how many the request held (for the access log)."""
+
+    build: Callable[[], bytes]
+    media_type: str
+    images: int
+    inline: bool
+
+
+# A route's work between decoding and rendering: (engine, parsed body, decoded images) ->
+# (the answer, where the model time went). Runs on the event loop; awaits the batchers.
+Task = Callable[[Engine, Body, Images], Awaitable[tuple[Answer, Timing]]]
+
+
+async def serve(request: Request, schema: type[Body], task: Task[Body]) -> Response:
+    """The path of every inference request:
+    1. admit: 503 unless ready; counted until answered, so that a drain waits for it;
+    2. parse the body (JSON or multipart) into `schema`: 415, 422, 413 over max_images;
+    3. decode its images, field by field, to model input: 400 or 413 naming the image;
+    4. task: submit them to the batchers and wait, cancelled with 499 if the client leaves;
+    5. render the task's Answer, with the request's timings as headers."""
+    engine: Engine = request.app.state.engine
+    async with engine.admit():
+        body = await read_body(request, schema, engine.settings.max_images)
+        start = time.perf_counter()
+        images = {
+            field: await engine.decode_images(sources, field)
+            for field, sources in body.image_lists().items()
+        }
+        decode_s = time.perf_counter() - start
+        answer, timing = await cancel_on_disconnect(request, task(engine, body, images))
+        start = time.perf_counter()
+        content = answer.build() if answer.inline else await engine.off_loop(answer.build)
+        seconds = {
+            "decode": decode_s,
+            "queue": timing.queue_s,
+            "inference": timing.inference_s,
+            "serialize": time.perf_counter() - start,
+        }
+        return Response(
+            content,
+            media_type=answer.media_type,
+            headers=record_timings(request, seconds, answer.images),
+        )
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -173,6 +273,119 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
+def record_timings(request: Request, seconds: dict[str, float], images: int) -> dict:
+    """Store the request's timings for the access log; return them as response headers (ms).
+
+    decode: decoding and preprocessing; queue: waiting for a batch; inference: the model calls;
+    serialize: rendering the response body (JSON, or the PNG)."""
+    request.state.timings = seconds
+    request.state.log = {"images": images}
+    return {f"x-{k}-time-ms": f"{v * 1e3:.2f}" for k, v in seconds.items()}
+
+
+# --- the tasks -----------------------------------------------------------------------------
+async def embed_images(engine: Engine, body: EmbedRequest, images: Images) -> tuple[Answer, Timing]:
+    """/embed: float32 [N, D], L2-normalised unless body.normalize is false."""
+    vectors, timing = await engine.embed(images["images"])
+    if body.normalize:
+        vectors = l2_normalize(vectors)
+    name = engine.model.name
+    answer = json_answer(
+        lambda: embeddings_body(vectors, body.encoding, name),
+        len(vectors),
+        inline=vectors.size <= INLINE_NUMBERS,
+    )
+    return answer, timing
+
+
+async def compare_images(
+    engine: Engine, body: SimilarityRequest, images: Images
+) -> tuple[Answer, Timing]:
+    """/similarity: [len(a), len(b)] cosines (b omitted: a); a and b embedded in one submit."""
+    a, b = images["a"], images.get("b", [])
+    vectors, timing = await engine.embed(a + b)
+    vectors = l2_normalize(vectors)
+    va = vectors[: len(a)]
+    vb = vectors[len(a) :] if b else va
+    scores = va @ vb.T
+    answer = json_answer(
+        lambda: {"scores": scores}, len(vectors), inline=scores.size <= INLINE_NUMBERS
+    )
+    return answer, timing
+
+
+async def reconstruct_image(
+    engine: Engine, body: ReconstructRequest, images: Images, *, png: bool
+) -> tuple[Answer, Timing]:
+    """/reconstruct: a random block mask (body's ratio and seed, else the model's ratio and a
+    fresh mask), the model's reconstruction, rendered as JSON or (png) one picture."""
+    card, spec = engine.model.card, engine.model.preprocessing
+    patch = card["patch_size"]
+    [pixels] = images["image"]
+    ratio = card["mask_ratio"] if body.mask_ratio is None else body.mask_ratio
+    mask = visualize.random_mask(card, ratio, body.seed)
+    output, timing = await engine.reconstruct(pixels, mask)
+    if png:
+        picture = partial(visualize.side_by_side, pixels, mask, output, spec, patch)
+        return Answer(picture, "image/png", 1, inline=False), timing
+    answer = json_answer(
+        lambda: {
+            "mask": mask.tolist(),
+            "masked_input": base64.b64encode(
+                visualize.png(visualize.masked_input(pixels, mask, patch), spec)
+            ).decode(),
+            "reconstruction": base64.b64encode(visualize.png(output, spec)).decode(),
+            "loss": visualize.masked_l1(pixels, output, mask, patch),
+        },
+        1,
+        inline=False,
+    )
+    return answer, timing
+
+
+# --- rendering -----------------------------------------------------------------------------
+def json_answer(payload: Callable[[], dict], images: int, inline: bool) -> Answer:
+    """An Answer whose body is payload() as JSON (numpy arrays allowed)."""
+    return Answer(lambda: to_json(payload()), "application/json", images, inline)
+
+
+def to_json(payload: dict) -> bytes:
+    """JSON bytes; numpy arrays as numbers (float32 as the shortest text that reads back the
+    same float32)."""
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """[N, D] -> rows of unit L2 norm (zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def embeddings_body(vectors: np.ndarray, encoding: str, model_name: str) -> dict:
+    """float32 [N, D] -> the /embed response: rows as numbers, or as base64 of little-endian
+    float32 bytes."""
+    out = (
+        [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        if encoding == "base64"
+        else vectors
+    )
+    return {"model": model_name, "dim": int(vectors.shape[1]), "embeddings": out}
+
+
+def wants_png(request: Request) -> bool:
+    """True when Accept ranks image/png above application/json (ties go to JSON)."""
+    quality = {}
+    for part in request.headers.get("accept", "").split(","):
+        kind, *params = [p.strip() for p in part.split(";")]
+        q = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            quality[kind.lower()] = float(q)
+        except ValueError:
+            continue
+    json_q = max(quality.get("application/json", 0), quality.get("*/*", 0))
+    return quality.get("image/png", 0) > json_q
+
+
+# --- start-up ------------------------------------------------------------------------------
 def api_key_guard(key: SecretStr):
     """A dependency that demands 'Authorization: Bearer <key>' (constant-time comparison)."""
     expected = key.get_secret_value().encode()
@@ -199,182 +412,3 @@ def checked_model_dir(path: Path) -> ModelDir:
     except ValueError as e:
         raise ModelDirError(f"{model.path / 'model.json'}: {e}") from None
     return model
-
-
-def create_app(settings: Settings, peers: Peers | None = None) -> FastAPI:
-    """Check the model directory now (ModelDirError if it cannot be served); the ONNX sessions
-    are created and warmed up in the background once the server runs. peers: this process's
-    place among several server processes (default: the only one)."""
-    model = checked_model_dir(settings.model_dir)
-    card = model.card
-    peers = peers or Peers()
-    metrics = Metrics(multiprocess=peers.count > 1)
-    engine = Engine(settings, model, metrics, peers)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        yield
-        await engine.close()
-
-    app = FastAPI(
-        title="simmim-service",
-        version=__version__,
-        lifespan=lifespan,
-        description=f"SimMIM image embeddings and reconstructions from "
-        f"{model.name!r} (onnxruntime, dynamic batching).",
-    )
-    app.state.engine = engine
-    install_error_handlers(app)
-    guarded = [Depends(api_key_guard(settings.api_key))] if settings.api_key else []
-    failures = error_docs(*ERRORS)
-
-    @app.get("/health/live", tags=["health"])
-    async def live() -> dict:
-        """200 while the process serves HTTP; 503 if the model failed to load."""
-        if engine.state == "failed":
-            engine.check_ready()
-        return {"status": "live"}
-
-    @app.get("/health/ready", tags=["health"], responses=error_docs(NotReady))
-    async def ready() -> dict:
-        """200 once the model is loaded and warmed up (in every server process); 503 before,
-        and while draining."""
-        engine.check_all_ready()
-        return {"status": "ready"}
-
-    @app.get("/info", dependencies=guarded)
-    async def info() -> dict:
-        """The model card, the serving settings (API key left out) and the runtime."""
-        return {
-            "model": card,
-            "settings": settings.public(),
-            "version": __version__,
-            **engine.info(),
-        }
-
-    @app.get("/metrics", dependencies=guarded, response_class=Response)
-    async def prometheus() -> Response:
-        """Prometheus text format."""
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    async def load(request: Request, sources: list, field: str) -> list[np.ndarray]:
-        """Decode and preprocess (off the loop), adding the time to the request's decode_s."""
-        start = time.perf_counter()
-        pixels = await engine.decode_images(sources, field)
-        request.state.decode_s = getattr(request.state, "decode_s", 0.0) + (
-            time.perf_counter() - start
-        )
-        return pixels
-
-    async def answer(
-        request: Request, timing: Timing, images: int, render, inline: bool
-    ) -> Response:
-        """JSON of render() -> dict (numpy arrays allowed), with the timing headers; rendered
-        on the loop if `inline` (cheap), else on the decode pool."""
-        start = time.perf_counter()
-        body = to_json(render()) if inline else await engine.off_loop(lambda: to_json(render()))
-        headers = record_timings(request, timing, images, time.perf_counter() - start)
-        return Response(body, media_type="application/json", headers=headers)
-
-    @app.post(
-        "/embed",
-        dependencies=guarded,
-        response_model=EmbedResponse,
-        openapi_extra=request_body_docs(EmbedRequest),
-        responses=failures,
-    )
-    async def embed(request: Request) -> Response:
-        """Embed images: [N, D] float32 pooled encoder outputs, L2-normalised unless
-        normalize=false; as numbers, or as base64 of little-endian float32."""
-        async with engine.admit():
-            body = await read_body(request, EmbedRequest, settings.max_images)
-            pixels = await load(request, body.images, "images")
-            vectors, timing = await cancel_on_disconnect(request, engine.embed(pixels))
-            if body.normalize:
-                vectors = l2_normalize(vectors)
-            return await answer(
-                request,
-                timing,
-                len(vectors),
-                lambda: embeddings_body(vectors, body.encoding, model.name),
-                inline=vectors.size <= INLINE_NUMBERS,
-            )
-
-    @app.post(
-        "/similarity",
-        dependencies=guarded,
-        response_model=SimilarityResponse,
-        openapi_extra=request_body_docs(SimilarityRequest),
-        responses=failures,
-    )
-    async def similarity(request: Request) -> Response:
-        """Cosine similarity of every image in a with every image in b (b omitted: a)."""
-        async with engine.admit():
-            body = await read_body(request, SimilarityRequest, settings.max_images)
-            a = await load(request, body.a, "a")
-            b = await load(request, body.b, "b") if body.b is not None else []
-            vectors, timing = await cancel_on_disconnect(request, engine.embed(a + b))
-            vectors = l2_normalize(vectors)
-            va = vectors[: len(a)]
-            vb = vectors[len(a) :] if b else va
-            scores = va @ vb.T
-            return await answer(
-                request,
-                timing,
-                len(vectors),
-                lambda: {"scores": scores},
-                inline=scores.size <= INLINE_NUMBERS,
-            )
-
-    @app.post(
-        "/reconstruct",
-        dependencies=guarded,
-        response_model=ReconstructResponse,
-        openapi_extra=request_body_docs(ReconstructRequest),
-        responses={
-            **failures,
-            200: {
-                "content": {"image/png": {}},
-                "description": "JSON, or with 'Accept: image/png' one PNG: original | masked | "
-                "reconstruction, scaled up to at least 256 px each",
-            },
-        },
-    )
-    async def reconstruct(request: Request) -> Response:
-        """Mask the image with SimMIM's random block mask and reconstruct it."""
-        async with engine.admit():
-            body = await read_body(request, ReconstructRequest, settings.max_images)
-            [pixels] = await load(request, [body.image], "image")
-            ratio = card["mask_ratio"] if body.mask_ratio is None else body.mask_ratio
-            mask = visualize.random_mask(card, ratio, body.seed)
-            output, timing = await cancel_on_disconnect(request, engine.reconstruct(pixels, mask))
-            patch, spec = card["patch_size"], model.preprocessing
-            if wants_png(request):
-                start = time.perf_counter()
-                picture = await engine.off_loop(
-                    visualize.side_by_side, pixels, mask, output, spec, patch
-                )
-                headers = record_timings(request, timing, 1, time.perf_counter() - start)
-                return Response(picture, media_type="image/png", headers=headers)
-            return await answer(
-                request,
-                timing,
-                1,
-                lambda: {
-                    "mask": mask.tolist(),
-                    "masked_input": base64.b64encode(
-                        visualize.png(visualize.masked_input(pixels, mask, patch), spec)
-                    ).decode(),
-                    "reconstruction": base64.b64encode(visualize.png(output, spec)).decode(),
-                    "loss": visualize.masked_l1(pixels, output, mask, patch),
-                },
-                inline=False,
-            )
-
-    endpoints = {route.path for route in app.routes}
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(
-        Observe, metrics=metrics, endpoints=endpoints, log_requests=settings.log_requests
-    )
-    return app

@@ -1,4 +1,6 @@
-"""The model runtime behind the batcher: synchronous, a batch in, a batch out (onnxruntime).
+"""The model runtime behind the batcher: synchronous, a batch in, a batch out. `Backend` is the
+seam (what the engine calls); `OnnxBackend` is the one `simmim serve` runs (onnxruntime); a
+`BackendFactory` loads one, in the background after start-up.
 
 Shapes: pixels float32 [N, C, H, W] normalised; mask uint8 [N, h, w] at the encoder's patch grid
 (1 = masked); embedding float32 [N, D] pooled, not normalised; reconstruction float32
@@ -17,6 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from simmim_core.model_dir import ENCODER, ENCODER_INT8, RECONSTRUCT, ModelDir, ModelDirError
+
+from .settings import Settings
 
 log = logging.getLogger("simmim.backend")
 
@@ -48,6 +52,15 @@ class Backend(Protocol):
 
     def describe(self) -> dict:
         """What /info shows about the runtime (JSON-ready)."""
+
+
+class BackendFactory(Protocol):
+    """Loads a Backend for a model directory: called once, on a worker thread, after the server
+    has started (threads: intra-op threads per model call, from service.backend.parallelism).
+    With several server processes it is sent to each, so it must pickle (a module-level class
+    or function). OnnxBackend.from_settings is the default."""
+
+    def __call__(self, model: ModelDir, settings: Settings, threads: int) -> Backend: ...
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -189,6 +202,11 @@ class OnnxBackend:
             self.encoder_file,
             RECONSTRUCT,
         )
+
+    @classmethod
+    def from_settings(cls, model: ModelDir, settings: Settings, threads: int) -> OnnxBackend:
+        """The BackendFactory of `simmim serve`."""
+        return cls(model, settings.provider, threads, settings.max_batch_size, settings.int8)
 
     def _session(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
         """A session on self.providers; 'cuda' fails loudly if onnxruntime fell back to the CPU

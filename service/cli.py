@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from simmim_core.model_dir import ModelDirError
 
 from .app import checked_model_dir, create_app
-from .backend import parallelism
+from .backend import BackendFactory, parallelism
 from .engine import FAILED, Engine
 from .errors import describe_validation
 from .logs import configure_logging
@@ -129,15 +130,19 @@ def run_server(app: FastAPI, settings: Settings, sockets: list[socket.socket] | 
     return 0 if server.started and not server.load_failed else 1
 
 
-def serve_one_of_several(settings: Settings, peers: Peers) -> None:
+def serve_one_of_several(
+    settings: Settings, peers: Peers, backend: BackendFactory | None = None
+) -> None:
     """The body of each server process (see service.processes)."""
     os.setpgid(0, 0)  # signals come from the parent, which forwards them (one Ctrl-C)
     configure_logging(settings.log_json, settings.log_level)
-    app = create_app(settings, peers)
+    app = create_app(settings, backend, peers)
     sys.exit(run_server(app, settings, [reuse_port_socket(settings.host, settings.port)]))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, backend: BackendFactory | None = None) -> int:
+    """`simmim serve`; returns the exit status. backend: what loads the model runtime
+    (default: onnxruntime); with several processes it is sent to each, so it must pickle."""
     try:
         settings = parse_settings(argv)
     except ValidationError as e:
@@ -151,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         if processes > 1:
             checked_model_dir(settings.model_dir)
         else:
-            app = create_app(settings)
+            app = create_app(settings, backend)
     except ModelDirError as e:
         print(f"simmim serve: {e}", file=sys.stderr)
         return 2
     if processes > 1:
-        return serve_processes(settings, processes, serve_one_of_several)
+        child = functools.partial(serve_one_of_several, backend=backend)
+        return serve_processes(settings, processes, child)
     return run_server(app, settings)

@@ -1,10 +1,10 @@
 """The core between the routes and the backend: loading, readiness, the batchers, the thread
 pools, and draining.
 
-States: loading (sessions being created and warmed up) -> ready -> draining (after SIGTERM: no
-new requests, admitted ones finish); failed if loading raised. Two thread pools: `workers`
-threads run the model calls (each with its share of the cores), `decode_threads` decode large
-images and encode PNGs, overlapping inference.
+States: loading (the backend being loaded, warmed up and its batch sizes timed) -> ready ->
+draining (after SIGTERM: no new requests, admitted ones finish); failed if loading raised. Two
+thread pools: `workers` threads run the model calls (each with its share of the cores),
+`decode_threads` decode large images and encode PNGs, overlapping inference.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from simmim_core.model_dir import ModelDir
 
-from .backend import Backend, OnnxBackend, parallelism
+from .backend import Backend, BackendFactory, parallelism
 from .batcher import Batcher, Timing
 from .calibrate import batch_cap, batch_rates
 from .errors import InferenceFailed, NotReady, ShuttingDown
@@ -43,9 +43,20 @@ def finite(output: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, settings: Settings, model: ModelDir, metrics: Metrics, peers: Peers):
+    """load_backend: called once start() has begun loading (BackendFactory); peers: this
+    process's place among the server's processes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: ModelDir,
+        metrics: Metrics,
+        peers: Peers,
+        load_backend: BackendFactory,
+    ):
         self.settings, self.model, self.metrics, self.peers = settings, model, metrics, peers
         self.state = LOADING
+        self._load_backend = load_backend
         self.backend: Backend | None = None
         _, self.workers, threads = parallelism(
             settings.provider, self.peers.count, settings.workers, settings.threads
@@ -73,13 +84,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             backend = await loop.run_in_executor(
-                self._infer_pool,
-                OnnxBackend,
-                self.model,
-                self.settings.provider,
-                self._threads,
-                self.settings.max_batch_size,
-                self.settings.int8,
+                self._infer_pool, self._load_backend, self.model, self.settings, self._threads
             )
             await asyncio.gather(
                 *(

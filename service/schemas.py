@@ -21,10 +21,18 @@ class RequestBody(BaseModel):
     files: ClassVar[tuple[str, ...]] = ()  # fields that hold images
     lists: ClassVar[tuple[str, ...]] = ()  # fields that are lists (repeated in multipart)
 
+    def image_lists(self) -> dict[str, list]:
+        """Each image field that was given -> its images (a single image as a list of one)."""
+        values = {name: getattr(self, name) for name in self.files}
+        return {
+            name: value if name in self.lists else [value]
+            for name, value in values.items()
+            if value is not None
+        }
+
     @property
     def image_count(self) -> int:
-        values = (getattr(self, name) for name in self.files)
-        return sum(len(v) if isinstance(v, list) else 1 for v in values if v is not None)
+        return sum(len(images) for images in self.image_lists().values())
 
 
 class EmbedRequest(RequestBody):

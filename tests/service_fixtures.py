@@ -1,6 +1,7 @@
 """Helpers for the service and client tests: a real `simmim serve` (uvicorn) in a subprocess on a
 free loopback port, polling with deadlines instead of sleeps, Prometheus parsing, test images
-made by Pillow, and onnxruntime references computed directly from the model directory."""
+made by Pillow, and references computed directly from the model directory (onnxruntime, or the
+dummy backend)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import TypeVar
 import httpx
 import numpy as np
 import onnxruntime as ort
+from dummy_backend import DummyBackend
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -49,10 +51,11 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = 60.0) -> 
 class ServerProcess:
     """`simmim serve` through tests/service_launcher.py (torch blocked), logging to a file.
 
-    env: extra SIMMIM_* settings; gated: every model call waits for open_gate() (the warm-up
-    too, so a gated server starts unready); program: another command line that takes the
-    serve options, instead of the launcher; args: more serve options; processes: server
-    processes (2: the default on a CPU with 2 cores or more, one model call each).
+    env: extra SIMMIM_* settings; dummy: serve tests/dummy_backend.py instead of onnxruntime;
+    gated: every model call waits for open_gate() (the warm-up too, so a gated server starts
+    unready); program: another command line that takes the serve options, instead of the
+    launcher; args: more serve options; processes: server processes (2: the default on a CPU
+    with 2 cores or more, one model call each).
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ServerProcess:
         model_dir: Path,
         workdir: Path,
         env: dict[str, str] | None = None,
+        dummy: bool = False,
         gated: bool = False,
         api_key: str | None = API_KEY,
         program: list[str] | None = None,
@@ -72,6 +76,8 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.gate_file = workdir / "gate" if gated else None
         cmd = list(program or [sys.executable, str(LAUNCHER)])
+        if dummy:
+            cmd.append("--dummy")
         if gated:
             cmd += ["--gate", str(self.gate_file)]
         # gated: one process, one model call at a time, so that a closed gate holds exactly one
@@ -229,6 +235,22 @@ class Reference:
             ["reconstruction"],
             {"pixels": self.pixels([image]), "mask": mask[None].astype(np.float32)},
         )[0][0]
+
+
+class DummyReference:
+    """What a server on the dummy backend answers (its reconstruction: the pixels themselves)."""
+
+    def __init__(self, model_dir: Path):
+        self.model = load_model_dir(model_dir)
+        self.spec = self.model.preprocessing
+        self._backend = DummyBackend(self.model)
+
+    def pixels(self, images: list[bytes]) -> np.ndarray:
+        return preprocess(images, self.spec)
+
+    def embed(self, images: list[bytes]) -> np.ndarray:
+        """Raw (not normalised) embeddings, [N, D]."""
+        return self._backend.embed(self.pixels(images))
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from dummy_backend import DummyBackend
 from service_fixtures import LAUNCHER, Reference, ServerProcess, png_bytes, wait_until
 
 from service.engine import READY, Engine
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.processes import Peers
-from service.settings import Settings
+from service.settings import Settings, default_model_path
 from simmim_core.model_dir import load_model_dir
 
 
@@ -163,13 +164,14 @@ def test_a_port_in_use_exits_1_naming_it(tiny_model_dir):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
-def test_ready_only_once_every_process_is_ready(tiny_model_dir):
+def test_ready_only_once_every_process_is_ready():
     flags = [0, 0]
     engine = Engine(
-        Settings(model_dir=tiny_model_dir),
-        load_model_dir(tiny_model_dir),
+        Settings(),
+        load_model_dir(default_model_path()),
         Metrics(),
         Peers(0, flags),
+        DummyBackend,
     )
     engine.state = READY  # as after loading, without starting the model
     flags[0] = 1
