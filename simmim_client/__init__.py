@@ -7,7 +7,7 @@ Needs only httpx and numpy (Pillow to pass PIL images, tqdm for progress=True).
         vectors = client.embed(["a.jpg", "b.png"])        # float32 [2, D], L2-normalised
 """
 
-from .client import AsyncClient, Client, Health, Reconstruction
+from .client import AsyncClient, Client
 from .errors import (
     APIError,
     AuthenticationError,
@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .images import encode_png
+from .protocol import Health, Reconstruction
 
 __all__ = [
     "AsyncClient",

@@ -1,5 +1,7 @@
-"""The Python client SDK against a live `simmim serve`, plus its retry rule and PNG encoder on
-their own."""
+"""The Python client SDK: every case runs against both Client and AsyncClient (the async one
+behind the same blocking calls), against a live `simmim serve` on the dummy backend or a scripted
+transport; the retry rule, written once and free of I/O, is driven by hand; the PNG encoder on its
+own."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import base64
 import io
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +21,7 @@ from PIL import Image
 from service_fixtures import (
     API_KEY,
     ROOT,
-    Reference,
+    DummyReference,
     ServerProcess,
     encode,
     free_port,
@@ -28,7 +31,7 @@ from service_fixtures import (
     wait_until,
 )
 
-import simmim_client.client as client_module
+from service.settings import default_model_path
 from simmim_client import (
     AsyncClient,
     AuthenticationError,
@@ -41,14 +44,44 @@ from simmim_client import (
     ServiceUnavailableError,
     encode_png,
 )
+from simmim_client.protocol import Call, Retry, Sleep, exchange
 
 SETTINGS = {"SIMMIM_MAX_BATCH_SIZE": "4", "SIMMIM_MAX_QUEUE": "8", "SIMMIM_MAX_IMAGES": "8"}
+MODEL_DIR = default_model_path()
+
+
+class BlockingAsyncClient:
+    """An AsyncClient behind Client's blocking calls, each run on one event loop of its own."""
+
+    def __init__(self, *args, **kwargs):
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncClient(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        return lambda *args, **kwargs: self._loop.run_until_complete(method(*args, **kwargs))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+    def __enter__(self) -> BlockingAsyncClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@pytest.fixture(params=[Client, BlockingAsyncClient], ids=["Client", "AsyncClient"])
+def connect(request):
+    """Opens a Client or an AsyncClient: a test that takes it specifies both."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def server(tmp_path_factory):
     with ServerProcess(
-        tiny_model_dir, tmp_path_factory.mktemp("client"), env=SETTINGS, gated=True
+        MODEL_DIR, tmp_path_factory.mktemp("client"), env=SETTINGS, dummy=True, gated=True
     ) as s:
         s.open_gate()
         s.wait_ready()
@@ -56,13 +89,13 @@ def server(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ref(tiny_model_dir):
-    return Reference(tiny_model_dir)
+def ref():
+    return DummyReference(MODEL_DIR)
 
 
 @pytest.fixture
-def client(server):
-    with Client(server.url, api_key=API_KEY, batch_size=4, max_concurrency=2) as c:
+def client(server, connect):
+    with connect(server.url, api_key=API_KEY, batch_size=4, max_concurrency=2) as c:
         yield c  # at most 2 x 4 images in flight: never more than the server's queue
 
 
@@ -125,12 +158,14 @@ def test_info_and_health(client, ref):
     assert client.health() == Health(live=True, ready=True, detail="ready")
 
 
-def test_health_of_an_unreachable_server_says_so():
-    with Client(f"http://127.0.0.1:{free_port()}") as c:
+def test_health_of_an_unreachable_server_says_so(connect):
+    with connect(f"http://127.0.0.1:{free_port()}") as c:
         assert c.health() == Health(live=False, ready=False, detail="unreachable")
 
 
-def test_server_errors_raise_typed_exceptions_with_code_message_and_list_index(client, server):
+def test_server_errors_raise_typed_exceptions_with_code_message_and_list_index(
+    client, server, connect
+):
     images = [png_bytes(i) for i in range(5)] + [b"not an image"]
     with pytest.raises(BadRequestError) as info:
         client.embed(images, batch_size=4)  # the bad one is the 2nd of batch 2
@@ -140,13 +175,13 @@ def test_server_errors_raise_typed_exceptions_with_code_message_and_list_index(c
     with pytest.raises(PayloadTooLargeError) as info:
         client.embed([png_bytes(0)] * 9, batch_size=9)
     assert info.value.code == "too_many_images"
-    with Client(server.url, api_key="wrong") as wrong:
+    with connect(server.url, api_key="wrong") as wrong:
         with pytest.raises(AuthenticationError) as info:
             wrong.info()
     assert info.value.code == "unauthorized"
 
 
-def test_a_request_refused_with_429_is_retried_until_it_succeeds(client, server, ref):
+def test_a_request_refused_with_429_is_retried_until_it_succeeds(server, connect, ref):
     held, extra = [png_bytes(i) for i in range(40, 48)], png_bytes(50)
     refused = server.metric("simmim_requests_total", endpoint="/embed", status="429")
     server.close_gate()
@@ -168,7 +203,7 @@ def test_a_request_refused_with_429_is_retried_until_it_succeeds(client, server,
                 ),
                 "a full queue: one batch held in the model, one waiting",
             )
-            with Client(server.url, api_key=API_KEY, max_retries=50, max_backoff_s=0.05) as c:
+            with connect(server.url, api_key=API_KEY, max_retries=50, max_backoff_s=0.05) as c:
                 retried = pool.submit(c.embed, [extra])
                 wait_until(
                     lambda: (
@@ -185,39 +220,54 @@ def test_a_request_refused_with_429_is_retried_until_it_succeeds(client, server,
     np.testing.assert_allclose(vector, unit(ref.embed([extra])), atol=1e-5, rtol=0)
 
 
-def test_async_client_gives_the_same_answers(client, server):
-    images = [png_bytes(i) for i in range(9)]
+def test_a_request_refused_with_503_while_loading_is_retried_until_ready(connect, ref, tmp_path):
+    image = png_bytes(51)
+    with ServerProcess(MODEL_DIR, tmp_path, dummy=True, gated=True, api_key=None) as loading:
+        with ThreadPoolExecutor(1) as pool:
+            with connect(loading.url, max_retries=100, max_backoff_s=0.05) as c:
+                retried = pool.submit(c.embed, [image])
 
-    async def main():
-        async with AsyncClient(server.url, api_key=API_KEY, batch_size=4, max_concurrency=2) as c:
-            return (
-                await c.embed(images),
-                await c.similarity(images[:3]),
-                (await c.reconstruct(images[0], seed=1)).mask,
-                await c.info(),
-                await c.health(),
+                def refused() -> float:
+                    return loading.metric("simmim_requests_total", endpoint="/embed", status="503")
+
+                wait_until(refused, "a 503 while the warm-up is held")
+                loading.open_gate()
+                vector = retried.result(timeout=60)
+    np.testing.assert_allclose(vector, unit(ref.embed([image])), atol=1e-5, rtol=0)
+
+
+def test_a_draining_server_gets_every_retry_then_service_unavailable(connect, tmp_path):
+    with ServerProcess(MODEL_DIR, tmp_path, dummy=True, gated=True, api_key=None) as draining:
+        draining.open_gate()
+        draining.wait_ready()
+        draining.close_gate()
+        image = base64.b64encode(png_bytes(52)).decode()
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(draining.http.post, "/embed", json={"images": [image]})
+            wait_until(
+                lambda: draining.metric("simmim_running_items", task="embed") == 1,
+                "a request held in the model",
             )
-
-    vectors, scores, mask, info, health = asyncio.run(main())
-    np.testing.assert_allclose(vectors, client.embed(images), atol=1e-6)
-    np.testing.assert_allclose(scores, client.similarity(images[:3]), atol=1e-6)
-    np.testing.assert_array_equal(mask, client.reconstruct(images[0], seed=1).mask)
-    assert info == client.info() and health.ready
-
-
-# --- the retry rule, with a scripted transport and a recorded clock --------------------------
-@pytest.fixture
-def sleeps(monkeypatch):
-    recorded = []
-    monkeypatch.setattr(client_module.time, "sleep", recorded.append)
-    return recorded
+            draining.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: draining.http.get("/health/ready").status_code == 503, "draining")
+            with connect(draining.url, max_retries=2, max_backoff_s=0.01) as c:
+                with pytest.raises(ServiceUnavailableError) as info:
+                    c.embed([png_bytes(53)])
+            refused = draining.metric("simmim_requests_total", endpoint="/embed", status="503")
+            draining.open_gate()
+            assert held.result(timeout=60).status_code == 200
+        assert draining.proc.wait(60) == 0
+    assert info.value.code == "shutting_down" and refused == 3  # the first try and 2 retries
 
 
+# --- against a scripted transport -------------------------------------------------------------
 def scripted(*answers):
-    """A transport that plays `answers` in order: an exception to raise or (status, headers)."""
+    """A transport that plays `answers` in order: an exception to raise or (status, headers);
+    .requests counts what it was sent."""
     answers = list(answers)
 
     def handle(request):
+        transport.requests += 1
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -225,52 +275,46 @@ def scripted(*answers):
         body = {"ok": True} if status == 200 else {"error": {"code": "x", "message": "m"}}
         return httpx.Response(status, headers=headers, json=body)
 
-    return httpx.MockTransport(handle)
+    transport = httpx.MockTransport(handle)
+    transport.requests = 0
+    return transport
 
 
-def test_retry_waits_the_servers_retry_after(sleeps):
-    transport = scripted((429, {"Retry-After": "7"}), (503, {"Retry-After": "2"}), (200, {}))
-    with Client("http://test", transport=transport) as c:
-        assert c.info() == {"ok": True}
-    assert sleeps == [7.0, 2.0]
-
-
-def test_retry_backs_off_exponentially_without_retry_after_then_gives_up(sleeps):
-    transport = scripted(*[(503, {})] * 4)
-    with Client("http://test", transport=transport, max_retries=3, backoff_s=1.0) as c:
-        with pytest.raises(ServiceUnavailableError) as info:
-            c.info()
-    assert info.value.status == 503
-    assert len(sleeps) == 3
-    for attempt, delay in enumerate(sleeps):  # jittered within [1/2, 1] of 2**attempt
-        assert 2**attempt / 2 <= delay <= 2**attempt
-
-
-def test_connection_errors_are_retried_then_reported(sleeps):
+def test_429_503_and_connection_errors_are_retried_until_success(connect):
     refused = httpx.ConnectError("connection refused")
-    with Client("http://test", transport=scripted(refused, refused, (200, {}))) as c:
+    transport = scripted(refused, (429, {"Retry-After": "1"}), (503, {}), (200, {}))
+    with connect("http://test", transport=transport, max_backoff_s=0) as c:
         assert c.info() == {"ok": True}
-    assert len(sleeps) == 2
-    with Client("http://test", transport=scripted(refused, refused), max_retries=1) as c:
-        with pytest.raises(ConnectionFailedError, match="after 2 attempts"):
-            c.info()
+    assert transport.requests == 4
 
 
-def test_other_errors_are_not_retried(sleeps):
-    with Client("http://test", transport=scripted((429, {}), (400, {}))) as c:
-        with pytest.raises(BadRequestError) as info:
-            c.info()
-    assert info.value.status == 400 and len(sleeps) == 1
-    with Client(
-        "http://test", transport=scripted(*[(429, {"Retry-After": "1"})] * 2), max_retries=1
-    ) as c:
+def test_retries_end_in_the_typed_error_of_the_last_answer(connect):
+    transport = scripted(*[(429, {"Retry-After": "1"})] * 3)
+    with connect("http://test", transport=transport, max_retries=2, max_backoff_s=0) as c:
         with pytest.raises(QueueFullError) as info:
             c.info()
-    assert info.value.retry_after == 1.0
+    assert info.value.retry_after == 1.0 and transport.requests == 3
 
 
-def test_empty_lists_are_refused_before_anything_is_sent():
-    with Client("http://test", transport=scripted()) as c:
+def test_a_server_never_reached_raises_connection_failed_naming_it(connect):
+    refused = httpx.ConnectError("connection refused")
+    transport = scripted(refused, refused)
+    with connect("http://test", transport=transport, max_retries=1, max_backoff_s=0) as c:
+        with pytest.raises(ConnectionFailedError, match="http://test after 2 attempts"):
+            c.info()
+
+
+def test_other_errors_are_not_retried(connect):
+    transport = scripted((429, {}), (400, {}))
+    with connect("http://test", transport=transport, max_backoff_s=0) as c:
+        with pytest.raises(BadRequestError) as info:
+            c.info()
+    assert info.value.status == 400 and transport.requests == 2
+
+
+def test_empty_lists_are_refused_before_anything_is_sent(connect):
+    transport = scripted()
+    with connect("http://test", transport=transport) as c:
         for call in (
             lambda: c.embed([]),
             lambda: c.similarity([]),
@@ -278,6 +322,64 @@ def test_empty_lists_are_refused_before_anything_is_sent():
         ):
             with pytest.raises(ValueError):
                 call()
+    assert transport.requests == 0
+
+
+# --- the retry rule, free of I/O: a flow driven by hand ---------------------------------------
+def answer(status: int, retry_after: str | None = None) -> httpx.Response:
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    body = {"ok": True} if status == 200 else {"error": {"code": "x", "message": "m"}}
+    return httpx.Response(status, headers=headers, json=body)
+
+
+def play(outcomes: list, **retry) -> tuple[list[float], object]:
+    """Run one GET /info through the retry rule, answering its requests with `outcomes` in
+    order; returns the sleeps it asked for and its result (or the exception it raised)."""
+    options = {"max_retries": 5, "backoff_s": 0.5, "max_backoff_s": 30.0, **retry}
+    flow = exchange(Call("GET", "/info"), httpx.Response.json, Retry(**options), "http://test")
+    sleeps, outcome = [], None
+    while True:
+        try:
+            step = flow.send(outcome)
+        except StopIteration as done:
+            return sleeps, done.value
+        except Exception as e:
+            return sleeps, e
+        if isinstance(step, Sleep):
+            sleeps.append(step.seconds)
+            outcome = None
+        else:
+            outcome = outcomes.pop(0)
+
+
+def test_retry_waits_the_servers_retry_after():
+    sleeps, result = play([answer(429, "7"), answer(503, "2"), answer(200)])
+    assert sleeps == [7.0, 2.0] and result == {"ok": True}
+
+
+def test_retry_after_is_capped_at_max_backoff_s():
+    sleeps, _ = play([answer(429, "7"), answer(200)], max_backoff_s=5.0)
+    assert sleeps == [5.0]
+
+
+def test_retry_backs_off_exponentially_without_retry_after_then_gives_up():
+    sleeps, error = play([answer(503)] * 4, max_retries=3, backoff_s=1.0)
+    assert isinstance(error, ServiceUnavailableError) and error.status == 503
+    assert len(sleeps) == 3
+    for attempt, delay in enumerate(sleeps):  # jittered within [1/2, 1] of 2**attempt
+        assert 2**attempt / 2 <= delay <= 2**attempt
+
+
+def test_connection_errors_are_retried_with_backoff():
+    refused = httpx.ConnectError("connection refused")
+    sleeps, result = play([refused, refused, answer(200)], backoff_s=1.0)
+    assert result == {"ok": True} and len(sleeps) == 2 and 0.5 <= sleeps[0] <= 1 <= sleeps[1] <= 2
+
+
+def test_a_read_timeout_is_not_retried():
+    timeout = httpx.ReadTimeout("no answer in time")
+    sleeps, error = play([timeout])
+    assert error is timeout and sleeps == []
 
 
 # --- images -------------------------------------------------------------------------------------
