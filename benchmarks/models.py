@@ -164,7 +164,7 @@ def torch_encoder(model: BenchModel, device: str = "cpu"):
     from training.checkpoint import inference_model
 
     if model.checkpoint is not None and Path(model.checkpoint).exists():
-        net, _ = inference_model(model.checkpoint, model.card["pooling"])  # as exported
+        net, _ = inference_model(model.checkpoint, pooling=model.card["pooling"])  # as exported
         note = f"weights of {model.checkpoint}"
     else:
         card = model.card

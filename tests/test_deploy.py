@@ -1,7 +1,8 @@
 """The Kubernetes manifests (deploy/k8s), checked without a cluster: `kubectl kustomize` renders
 each overlay, every rendered object validates against the Kubernetes API schemas
 (kubernetes-validate, offline, strict: unknown fields fail) and the KEDA ScaledObject against
-a ScaledObject schema written from KEDA's documentation (deploy/k8s/schemas), and the rendered objects keep the promises
+a ScaledObject schema written from KEDA's documentation (deploy/k8s/schemas), and the rendered
+objects keep the promises
 of deploy/k8s/README.md: probes on the health endpoints, non-root, read-only root filesystem,
 a grace period that covers the preStop sleep and the drain, memory and CPU bounds, every setting
 of the service in the ConfigMap, an autoscaler on the queue metric, a GPU for the GPU overlay.
