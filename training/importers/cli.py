@@ -18,7 +18,6 @@ def build_parser() -> argparse.ArgumentParser:
         "config.json) that simmim export, simmim evaluate --checkpoint and simmim finetune "
         "read like a pretrained run. The architecture and the preprocessing (image size, RGB, "
         "mean/std, interpolation) come from the source; nothing is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "source",
@@ -27,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ViTForMaskedImageModeling or SwinForMaskedImageModeling, or a timm checkpoint "
         "(a state dict file, or a folder with config.json)",
     )
-    p.add_argument("--out", type=Path, required=True, help="run folder to create (must not exist)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="run folder to create (required; must not exist)"
+    )
     p.add_argument(
         "--format",
         choices=sorted(IMPORTERS),
@@ -37,13 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image-size",
         type=int,
-        help="input size in pixels, only for sources that do not say (an official Swin "
-        "checkpoint without attention masks or config; timm: overrides its pretrained_cfg)",
+        help="input size in pixels (default: the source's), for sources that do not say (an "
+        "official Swin checkpoint "
+        "without attention masks or config); timm: overrides its pretrained_cfg (position "
+        "embeddings are resized by timm); other sources: must agree with them",
     )
     p.add_argument(
         "--arch",
-        help="timm format: the timm architecture (e.g. vit_base_patch16_224) when the file does "
-        "not name it",
+        help="timm format: the timm architecture (e.g. vit_base_patch16_224; default: the one "
+        "the file or its config.json names)",
     )
     p.add_argument(
         "--domain",
