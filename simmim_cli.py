@@ -13,6 +13,7 @@ COMMANDS = {
     "pretrain": ("training.pretrain", "pretrain a SimMIM encoder (one process or torchrun)"),
     "finetune": ("training.finetune", "fine-tune a pretrained run on labelled images"),
     "evaluate": ("training.evaluate", "kNN and linear-probe top-1 of a checkpoint or model dir"),
+    "import": ("training.importers.cli", "official SimMIM, Hugging Face or timm weights -> a run"),
     "export": ("training.export", "export a checkpoint to an ONNX model directory"),
     "serve": ("service.cli", "serve a model directory over HTTP (FastAPI + onnxruntime)"),
 }

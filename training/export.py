@@ -215,6 +215,26 @@ def _run_info(checkpoint: Path, ckpt: dict) -> dict:
     return info
 
 
+def default_domain(ckpt: dict, spec: Preprocessing) -> str:
+    """One line on what images a model is for: the checkpoint's own statement (an imported run's),
+    else its training data and preprocessing."""
+    if ckpt.get("domain"):
+        return ckpt["domain"]
+    look = f"{spec.crop_size} px {'grayscale' if spec.color_mode == 'L' else 'RGB'} images"
+    data = ckpt.get("data") or ""
+    name = data.partition(":")[0]
+    if name == "fashion-mnist":
+        return f"{look} of clothing products, centred on black (Fashion-MNIST); not photographs"
+    if name == "synthetic":
+        return f"{look} of synthetic shapes (a test model)"
+    return f"{look} like those in {Path(data).name or 'its training data'}"
+
+
+def _imported(ckpt: dict) -> dict:
+    """Where an imported run's weights came from (simmim import), for the card's training."""
+    return {"imported": ckpt["imported"]} if "imported" in ckpt else {}
+
+
 def export_model_dir(
     checkpoint,
     out: Path,
@@ -231,6 +251,7 @@ def export_model_dir(
     project_data: str | None = None,
     progress: bool = False,
     command: str | None = None,
+    domain: str | None = None,
 ) -> Path:
     """Export `checkpoint` (a run folder or .pt) to the model directory `out`; returns `out`.
 
@@ -238,6 +259,7 @@ def export_model_dir(
     checkpoint's). project: 'pca:D' or 'pca-whiten:D', fitted on the training split of
     project_data (default: the run's data) and baked into encoder.onnx. command: the command
     line that asked for this export, recorded in model.json.
+    domain: one line on what images the model is for (default: default_domain).
     """
     out, checkpoint = Path(out), Path(checkpoint)
     if out.exists():
@@ -289,6 +311,7 @@ def export_model_dir(
         card = {
             "format_version": FORMAT_VERSION,
             "name": name or out.name,
+            "domain": domain or default_domain(ckpt, spec),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "encoder": {
                 "family": cfg.family,
@@ -325,7 +348,7 @@ def export_model_dir(
                 "decoder": cfg.decoder,
                 "mask_kind": cfg.mask_kind,
             },
-            "training": _run_info(checkpoint, ckpt),
+            "training": _run_info(checkpoint, ckpt) | _imported(ckpt),
             "finetuned": finetune_card(ckpt),
             "export": {
                 "command": command,
@@ -449,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="model name in model.json (default: the folder name)")
     p.add_argument(
+        "--domain",
+        help="one line in model.json (and /info) on what images the model is for (default: "
+        "the run's own statement, else derived from its training data and preprocessing, "
+        "e.g. '32 px grayscale images of clothing products, ... (Fashion-MNIST)')",
+    )
+    p.add_argument(
         "--parity-data",
         help="data SPEC for the real-image parity check (default: the checkpoint's training data)",
     )
@@ -508,6 +537,7 @@ def main(argv=None) -> int:
             project_data=args.project_data,
             progress=not args.no_progress,
             command="simmim export " + shlex.join(sys.argv[2:] if argv is None else argv),
+            domain=args.domain,
         )
     except (ExportError, CheckpointError, ValueError) as e:
         print(f"simmim export: {e}", file=sys.stderr)

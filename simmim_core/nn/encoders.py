@@ -9,14 +9,20 @@ the feature map), `embed_dim` (D), `grid` (h, w of the mask) and `poolings` (wha
 ViT and Swin replace masked patch tokens by one learned `mask_token` after patch embedding,
 before position embeddings (`x * (1 - w) + mask_token * w`); CNNs fill masked pixels in input
 space (`x * (1 - M) + C * M`, C the dataset mean, i.e. 0 after normalisation, or noise).
+
+The "vit" family takes timm's VisionTransformer (absolute position embeddings) or timm's BEiT
+(`beit_*` architectures: relative position bias shared by all blocks or one per block, layer
+scale), which is the official SimMIM ViT.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import LayerNorm, trunc_normal_
 
 
 class ViTEncoder(nn.Module):
@@ -26,6 +32,8 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, arch: str, image_size: int, in_chans: int, **kwargs) -> None:
         super().__init__()
+        if "norm_eps" in kwargs:  # JSON-friendly stand-in for norm_layer (HF ViT uses 1e-12)
+            kwargs["norm_layer"] = partial(LayerNorm, eps=kwargs.pop("norm_eps"))
         self.vit = timm.create_model(
             arch,
             pretrained=False,
@@ -46,23 +54,32 @@ class ViTEncoder(nn.Module):
     def depth(self) -> int:
         return len(self.vit.blocks)
 
+    def masked_patches(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """pixels [N, C, H, W], mask [N, h, w] -> patch tokens [N, h*w, D], masked ones replaced
+        by the mask token."""
+        x = self.vit.patch_embed(x)  # [N, L, D]
+        if mask is None:
+            return x
+        w = mask.flatten(1).unsqueeze(-1).type_as(x)  # [N, L, 1]
+        return x * (1 - w) + self.mask_token.type_as(x) * w
+
     def embed_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """pixels [N, C, H, W], mask [N, h, w] -> tokens entering block 1 [N, P + h*w, D]."""
-        x = self.vit.patch_embed(x)  # [N, L, D]
-        if mask is not None:
-            w = mask.flatten(1).unsqueeze(-1).type_as(x)  # [N, L, 1]
-            x = x * (1 - w) + self.mask_token.type_as(x) * w
-        x = self.vit._pos_embed(x)  # prepends cls
+        x = self.vit._pos_embed(self.masked_patches(x, mask))  # prepends cls
         return self.vit.norm_pre(x)
+
+    def run_blocks(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """tokens [N, P + h*w, D] through the first n blocks."""
+        for block in self.vit.blocks[:n]:
+            x = block(x)
+        return x
 
     def forward_tokens(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, layer: int = 0, norm: bool = True
     ) -> torch.Tensor:
         """-> tokens [N, P + h*w, D] after block `layer` (1..depth; 0: the last), passed
         through the final norm when `norm`."""
-        x = self.embed_tokens(x, mask)
-        for block in self.vit.blocks[: layer or self.depth]:
-            x = block(x)
+        x = self.run_blocks(self.embed_tokens(x, mask), layer or self.depth)
         return self.vit.norm(x) if norm else x
 
     def to_map(self, tokens: torch.Tensor):
@@ -84,6 +101,28 @@ class ViTEncoder(nn.Module):
         if pooling == "cls":
             return prefix[:, 0]
         return fmap.mean(dim=(2, 3))
+
+
+class BEiTEncoder(ViTEncoder):
+    """timm's BEiT-style ViT with a mask token: the official SimMIM ViT.
+
+    Relative position bias shared by all blocks (`use_shared_rel_pos_bias`) or one per block
+    (`use_rel_pos_bias`), absolute position embeddings optional (`use_abs_pos_emb`), layer scale
+    (`init_values`); the mask token replaces patch tokens before the class token is prepended.
+    """
+
+    def embed_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.masked_patches(x, mask)
+        x = torch.cat((self.vit.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.vit.pos_embed is not None:
+            x = x + self.vit.pos_embed
+        return self.vit.pos_drop(x)
+
+    def run_blocks(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        bias = self.vit.rel_pos_bias() if self.vit.rel_pos_bias is not None else None
+        for block in self.vit.blocks[:n]:
+            x = block(x, shared_rel_pos_bias=bias)
+        return x
 
 
 class SwinEncoder(nn.Module):
@@ -183,7 +222,10 @@ FAMILIES = {"vit": ViTEncoder, "swin": SwinEncoder, "cnn": CNNEncoder}
 
 
 def create_encoder(family: str, arch: str, image_size: int, in_chans: int, **kwargs) -> nn.Module:
-    """Build an encoder of `family` ('vit', 'swin' or 'cnn') from the timm architecture `arch`."""
+    """Build an encoder of `family` ('vit', 'swin' or 'cnn') from the timm architecture `arch`
+    (a 'vit' whose arch is one of timm's beit_* models is a BEiTEncoder)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown encoder family {family!r}; choose one of {sorted(FAMILIES)}")
+    if family == "vit" and timm.models.is_model_in_modules(arch, ["beit"]):
+        return BEiTEncoder(arch, image_size, in_chans, **kwargs)
     return FAMILIES[family](arch, image_size, in_chans, **kwargs)
