@@ -72,9 +72,7 @@ class OnlineKNN:
         enc = model.encoder
         pools = dict.fromkeys([cfg.pooling, "mean"])
         chosen = cfg.feature_layer or enc.depth
-        x = enc.embed_tokens(pixels)
-        for b, block in enumerate(enc.vit.blocks, 1):
-            x = block(x)
+        for b, x in enumerate(enc.iter_blocks(enc.embed_tokens(pixels)), 1):
             fmap, prefix = enc.to_map(enc.vit.norm(x) if cfg.feature_norm else x)
             for pooling in pools:
                 z = model.pool(fmap, prefix, pooling)

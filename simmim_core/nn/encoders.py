@@ -68,11 +68,18 @@ class ViTEncoder(nn.Module):
         x = self.vit._pos_embed(self.masked_patches(x, mask))  # prepends cls
         return self.vit.norm_pre(x)
 
-    def run_blocks(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """tokens [N, P + h*w, D] through the first n blocks."""
+    def iter_blocks(self, x: torch.Tensor, n: int | None = None):
+        """tokens [N, P + h*w, D] -> the tokens after each of the first n blocks (all: None)."""
         for block in self.vit.blocks[:n]:
             x = block(x)
-        return x
+            yield x
+
+    def run_blocks(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """tokens [N, P + h*w, D] through the first n blocks."""
+        out = x
+        for out in self.iter_blocks(x, n):  # noqa: B007 (the last one is the answer)
+            pass
+        return out
 
     def forward_tokens(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, layer: int = 0, norm: bool = True
@@ -118,11 +125,11 @@ class BEiTEncoder(ViTEncoder):
             x = x + self.vit.pos_embed
         return self.vit.pos_drop(x)
 
-    def run_blocks(self, x: torch.Tensor, n: int) -> torch.Tensor:
+    def iter_blocks(self, x: torch.Tensor, n: int | None = None):
         bias = self.vit.rel_pos_bias() if self.vit.rel_pos_bias is not None else None
         for block in self.vit.blocks[:n]:
             x = block(x, shared_rel_pos_bias=bias)
-        return x
+            yield x
 
 
 class SwinEncoder(nn.Module):
