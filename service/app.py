@@ -30,9 +30,10 @@ from typing import TypeVar
 import numpy as np
 import orjson
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+from starlette.staticfiles import StaticFiles
 
 from simmim_core import visualize
 from simmim_core.masking import check_sizes
@@ -72,6 +73,14 @@ Images = dict[str, list[np.ndarray]]  # image field -> float32 [C, H, W] per ima
 # ones in the decode pool.
 INLINE_NUMBERS = 4096
 FAILURES = error_docs(*ERRORS)
+
+# The web page at / (package data: HTML, CSS, JavaScript; no CDN, no build step). Its policy lets
+# it load nothing but this server's files and talk to nothing but this server.
+PAGE_DIR = Path(__file__).with_name("page")
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def create_app(
@@ -114,9 +123,12 @@ async def lifespan(app: FastAPI):
 
 # --- routes: module-level handlers, added to each app by add_routes -------------------------
 def add_routes(app: FastAPI, guarded: list) -> None:
-    """The health routes (open to all), then /info, /metrics and the inference routes (behind
-    `guarded`: the API key, when one is set). Added to the app itself: an included APIRouter
-    costs 20-40 us more per request (FastAPI 0.165)."""
+    """The page and the health routes (open to all: the page asks for the key and sends it with
+    its API calls), then /info, /metrics and the inference routes (behind `guarded`: the API
+    key, when one is set). Added to the app itself: an included APIRouter costs 20-40 us more
+    per request (FastAPI 0.165)."""
+    app.add_api_route("/", page, include_in_schema=False)
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
     app.add_api_route("/health/live", live, tags=["health"])
     app.add_api_route("/health/ready", ready, tags=["health"], responses=error_docs(NotReady))
     app.add_api_route("/info", info, dependencies=guarded)
@@ -144,6 +156,11 @@ PNG_RESPONSE = {
         "reconstruction, scaled up to at least 256 px each",
     }
 }
+
+
+async def page(request: Request) -> FileResponse:
+    """The web page: see what the model sees (service/page/, on the public API only)."""
+    return FileResponse(PAGE_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
 
 async def live(request: Request) -> dict:
@@ -318,23 +335,29 @@ async def reconstruct_image(
     engine: Engine, body: ReconstructRequest, images: Images, *, png: bool
 ) -> tuple[Answer, Timing]:
     """/reconstruct: a random block mask (body's ratio and seed, else the model's ratio and a
-    fresh mask), the model's reconstruction, rendered as JSON or (png) one picture."""
+    fresh mask), the model's reconstruction with the visible patches pasted back (unless
+    body.paste_visible is false), rendered as JSON or (png) one picture. The loss is the raw
+    output's masked L1 (pasting changes no masked pixel)."""
     card, spec = engine.model.card, engine.model.preprocessing
     patch = card["patch_size"]
     [pixels] = images["image"]
     ratio = card["mask_ratio"] if body.mask_ratio is None else body.mask_ratio
     mask = visualize.random_mask(card, ratio, body.seed)
     output, timing = await engine.reconstruct(pixels, mask)
+    shown = visualize.paste_visible(pixels, mask, output, patch) if body.paste_visible else output
     if png:
-        picture = partial(visualize.side_by_side, pixels, mask, output, spec, patch)
+        picture = partial(visualize.side_by_side, pixels, mask, shown, spec, patch)
         return Answer(picture, "image/png", 1, inline=False), timing
+
+    def png_base64(image: np.ndarray) -> str:
+        return base64.b64encode(visualize.png(image, spec)).decode()
+
     answer = json_answer(
         lambda: {
             "mask": mask.tolist(),
-            "masked_input": base64.b64encode(
-                visualize.png(visualize.masked_input(pixels, mask, patch), spec)
-            ).decode(),
-            "reconstruction": base64.b64encode(visualize.png(output, spec)).decode(),
+            "original": png_base64(pixels),
+            "masked_input": png_base64(visualize.masked_input(pixels, mask, patch)),
+            "reconstruction": png_base64(shown),
             "loss": visualize.masked_l1(pixels, output, mask, patch),
         },
         1,

@@ -76,15 +76,25 @@ class ReconstructRequest(RequestBody):
     seed: int | None = Field(
         None, ge=0, description="seed of the random mask; omitted: a fresh mask each call"
     )
+    paste_visible: bool = Field(
+        True,
+        description="true: the reconstruction shows the input's own pixels where the model saw "
+        "them and the model's output where they were masked, as the training grid does; "
+        "false: the raw decoder output everywhere (untrained on the visible patches)",
+    )
 
 
 class ReconstructResponse(BaseModel):
     mask: list[list[int]] = Field(description="[h][w] at the encoder's patch grid, 1 = masked")
+    original: str = Field(description="PNG, base64: the preprocessed image, as the model sees it")
     masked_input: str = Field(
         description="PNG, base64: the preprocessed image with the masked "
         "patches set to the dataset mean"
     )
-    reconstruction: str = Field(description="PNG, base64: the model's reconstruction")
+    reconstruction: str = Field(
+        description="PNG, base64: the model's reconstruction, with the visible patches pasted "
+        "back unless paste_visible is false"
+    )
     loss: float = Field(description="mean L1 over masked pixels, in normalised pixel space")
 
 

@@ -1,7 +1,8 @@
 """Pictures of masked image modeling, and the masked loss (numpy + Pillow).
 
 What `/reconstruct` answers and the training grid show: the masked input, the reconstruction
-with the visible patches pasted back, side-by-side panels, and SimMIM's masked L1.
+with the visible patches pasted back (paste_visible: SimMIM's loss ignores the decoder's output
+there, so it is meaningless to look at), side-by-side panels, and SimMIM's masked L1.
 
 Shapes: pixels, reconstruction float32 [C, H, W] normalised; mask uint8 [h, w] at the encoder's
 patch grid (1 = masked), h = H // patch_size.
@@ -49,6 +50,15 @@ def masked_input(pixels: np.ndarray, mask: np.ndarray, patch_size: int) -> np.nd
     return pixels * (1.0 - pixel_mask(mask, patch_size))[None]
 
 
+def paste_visible(
+    pixels: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, patch_size: int
+) -> np.ndarray:
+    """The reconstruction shown as the training grid shows it: the input's own pixels where the
+    model saw them, the model's output where they were masked. [C, H, W] like `pixels`."""
+    masked = pixel_mask(mask, patch_size)[None]  # [1, H, W], 1 = masked
+    return pixels * (1.0 - masked) + reconstruction * masked
+
+
 def png(pixels: np.ndarray, spec: Preprocessing) -> bytes:
     """Normalised [C, H, W] -> PNG bytes (L or RGB)."""
     buf = io.BytesIO()
@@ -68,8 +78,9 @@ def side_by_side(
     spec: Preprocessing,
     patch_size: int,
 ) -> bytes:
-    """One PNG: original | masked input | reconstruction, each scaled by panel_scale(H), GAP
-    white pixels apart: (3 * H * s + 2 * GAP) wide, H * s high."""
+    """One PNG: original | masked input | reconstruction (as given: paste_visible() first to show
+    it as the training grid does), each scaled by panel_scale(H), GAP white pixels apart:
+    (3 * H * s + 2 * GAP) wide, H * s high."""
     channels, height, _ = pixels.shape
     s = panel_scale(height)
     gap_value = (1.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
@@ -95,8 +106,7 @@ def reconstruction_grid(
     """
     rows = []
     for x, m, r in zip(pixels, mask, recon):
-        visible = 1.0 - pixel_mask(m, patch_size)[None]  # [1, H, W]
-        panels = [x, masked_input(x, m, patch_size), x * visible + r * (1.0 - visible)]
+        panels = [x, masked_input(x, m, patch_size), paste_visible(x, m, r, patch_size)]
         rows.append(np.concatenate([denormalize(p, spec) for p in panels], axis=1))
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     if scale > 1:

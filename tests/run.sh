@@ -3,7 +3,8 @@
 #   bash tests/run.sh [pytest args...]
 # 1. a virtual environment .venv with torch (the CPU-capable wheel from the local cache) and every
 #    extra; 2. podman + podman-compose for the container test (when the workplace's setup script
-#    is there, run as root); 3. ruff (lint and format check); 4. pytest.
+#    is there, run as root); promtool, kubectl, and Chromium with its driver for the page's
+#    browser tests (as root); 3. ruff (lint and format check); 4. pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,6 +26,12 @@ if [ "$(id -u)" = 0 ]; then
   if ! command -v promtool >/dev/null; then
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
+  # headless Chromium and its WebDriver for the page's browser tests (tests/test_page.py)
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+        chromium-driver; } >/dev/null \
+      || echo 'Chromium cannot be installed here: tests/test_page.py will be skipped' >&2
   fi
   command -v kubectl >/dev/null \
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null \

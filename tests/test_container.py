@@ -269,6 +269,15 @@ def test_compose_up_serves_the_embedded_model(compose_project, cpu_image):
         unit["embeddings"][0], expected[0] / np.linalg.norm(expected[0]), atol=1e-5, rtol=0
     )
 
+    # the page at / and its files (package data of the wheel), without a key
+    for path, media_type in (
+        ("/", "text/html"),
+        ("/page/page.js", "javascript"),
+        ("/page/page.css", "text/css"),
+    ):
+        with urllib.request.urlopen(base + path, timeout=10) as resp:
+            assert resp.status == 200 and media_type in resp.headers["content-type"], path
+
     # the image's own HEALTHCHECK command, non-root, no torch
     hc = run(["podman", "healthcheck", "run", container], 60, check=False)
     assert hc.returncode == 0, f"HEALTHCHECK failed: {hc.stdout} {hc.stderr}"

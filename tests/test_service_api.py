@@ -153,6 +153,43 @@ def test_docs_and_openapi_are_served_and_list_every_endpoint(server):
     assert {"application/json", "multipart/form-data"} <= set(body)
 
 
+def test_reconstruct_documents_the_paste_visible_option(server):
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    body = paths["/reconstruct"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    option = body["properties"]["paste_visible"]
+    assert option["type"] == "boolean" and option["default"] is True
+    assert "raw decoder output" in option["description"]
+
+
+# --- the page at / ---------------------------------------------------------------------------
+def test_the_page_is_served_without_the_key_and_may_load_only_this_servers_files(server):
+    r = httpx.get(server.url + "/")  # no Authorization header: the page asks for the key
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    policy = dict(
+        part.strip().split(" ", 1) for part in r.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'"
+    assert {policy[k] for k in ("script-src", "style-src", "connect-src")} == {"'self'"}
+    assert "/" not in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "path, media_types",
+    [
+        ("/page/page.js", ("text/javascript", "application/javascript")),  # a module needs one
+        ("/page/page.css", ("text/css",)),
+    ],
+)
+def test_the_pages_script_and_style_are_served_without_the_key(server, path, media_types):
+    r = httpx.get(server.url + path)
+    assert r.status_code == 200 and r.headers["content-type"].startswith(media_types)
+    assert f'"{path[1:]}"' in httpx.get(server.url + "/").text  # the page links to it
+
+
+def test_a_missing_page_file_is_404(server):
+    assert httpx.get(server.url + "/page/nothing.js").status_code == 404
+
+
 def test_request_id_is_echoed_or_generated(server):
     r = server.http.get("/health/live", headers={"X-Request-ID": "client-id-1"})
     assert r.headers["x-request-id"] == "client-id-1"

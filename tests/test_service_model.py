@@ -15,6 +15,7 @@ from PIL import Image
 from service_fixtures import Reference, ServerProcess, png_bytes, unit
 
 from simmim_core.preprocess import denormalize
+from simmim_core.visualize import PANEL_MIN
 
 SETTINGS = {"SIMMIM_MAX_IMAGES": "8", "SIMMIM_MAX_BATCH_SIZE": "8", "SIMMIM_MAX_WAIT_MS": "1"}
 
@@ -83,29 +84,75 @@ def _masked_l1(pixels, recon, mask, patch):
     return float((np.abs(recon - pixels) * m).sum() / (m.sum() * pixels.shape[0]))
 
 
-def test_reconstruct_returns_the_block_mask_pngs_and_masked_l1_of_the_model(server, ref):
-    card, image = ref.model.card, png_bytes(11, (70, 50))
-    r = server.http.post("/reconstruct", json={"image": b64(image), "seed": 3})
+def _picture(data: bytes, spec) -> np.ndarray:
+    """PNG bytes -> int16 pixels, checking the format and mode."""
+    picture = Image.open(io.BytesIO(data))
+    assert picture.format == "PNG" and picture.mode == spec.color_mode
+    return np.asarray(picture, np.int16)
+
+
+def _assert_shows(picture: np.ndarray, want: np.ndarray, spec, what: str) -> None:
+    """picture equals the normalised [C, H, W] `want` once denormalised, to 1 level of 255."""
+    expected = denormalize(want.astype(np.float32), spec).astype(np.int16)
+    assert picture.shape == expected.shape, what
+    assert np.abs(picture - expected).max() <= 1, what
+
+
+def _reconstruction(server, ref, image: bytes, **options):
+    """The JSON answer, the mask, the preprocessed pixels and the model's raw output."""
+    r = server.http.post("/reconstruct", json={"image": b64(image), "seed": 3, **options})
     assert r.status_code == 200, r.text
     body = r.json()
     mask = np.array(body["mask"], np.uint8)
+    return body, mask, ref.pixels([image])[0], ref.reconstruct(image, mask)
+
+
+def test_reconstruct_returns_the_block_mask_pngs_and_masked_l1_of_the_model(server, ref):
+    card, image = ref.model.card, png_bytes(11, (70, 50))
+    body, mask, pixels, raw = _reconstruction(server, ref, image)
     s, p, mp = card["image_size"], card["patch_size"], card["mask_patch_size"]
     cells = (s // mp) ** 2
     assert mask.shape == (s // p, s // p)
     assert mask.sum() == math.ceil(card["mask_ratio"] * cells) * (mp // p) ** 2
 
-    pixels = ref.pixels([image])[0]
-    expected = ref.reconstruct(image, mask)
-    assert body["loss"] == pytest.approx(_masked_l1(pixels, expected, mask, p), rel=1e-4)
+    masked = np.kron(mask, np.ones((p, p)))[None].astype(bool)  # [1, H, W]
+    assert body["loss"] == pytest.approx(_masked_l1(pixels, raw, mask, p), rel=1e-4)
     for key, want in (
-        ("reconstruction", expected),
-        ("masked_input", pixels * (1 - np.kron(mask, np.ones((p, p))))[None]),
+        ("original", pixels),
+        ("masked_input", np.where(masked, 0.0, pixels)),
+        ("reconstruction", np.where(masked, raw, pixels)),  # the visible patches pasted back
     ):
-        picture = Image.open(io.BytesIO(base64.b64decode(body[key])))
-        assert picture.format == "PNG" and picture.size == (s, s)
-        assert picture.mode == ref.spec.color_mode
-        diff = np.abs(
-            np.asarray(picture, np.int16)
-            - denormalize(want.astype(np.float32), ref.spec).astype(np.int16)
-        )
-        assert diff.max() <= 1, key
+        _assert_shows(_picture(base64.b64decode(body[key]), ref.spec), want, ref.spec, key)
+
+
+def test_reconstruct_without_paste_visible_returns_the_raw_decoder_output(server, ref):
+    image = png_bytes(11, (70, 50))
+    body, mask, pixels, raw = _reconstruction(server, ref, image, paste_visible=False)
+    picture = _picture(base64.b64decode(body["reconstruction"]), ref.spec)
+    _assert_shows(picture, raw, ref.spec, "reconstruction")
+    pasted = _reconstruction(server, ref, image)[0]
+    assert body["loss"] == pasted["loss"]  # the loss is over masked pixels, which are the same
+    assert body["reconstruction"] != pasted["reconstruction"]
+
+
+@pytest.mark.parametrize("paste_visible", ["true", "false"])
+def test_reconstruct_picture_shows_the_reconstruction_as_the_json_does(server, ref, paste_visible):
+    image = png_bytes(12)
+    form = {"seed": "4", "paste_visible": paste_visible}
+    body = server.http.post(
+        "/reconstruct", files={"image": ("x.png", image, "image/png")}, data=form
+    ).json()
+    r = server.http.post(
+        "/reconstruct",
+        files={"image": ("x.png", image, "image/png")},
+        data=form,
+        headers={"Accept": "image/png"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    picture = _picture(r.content, ref.spec)
+    s = ref.model.card["image_size"]
+    k = math.ceil(PANEL_MIN / s)
+    right = picture[::k, -s * k :: k]  # the third panel, scaled back
+    np.testing.assert_array_equal(
+        right, _picture(base64.b64decode(body["reconstruction"]), ref.spec)
+    )
