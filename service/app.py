@@ -5,11 +5,12 @@ Layers: routes (here) -> engine (readiness, batchers, thread pools) -> backend (
 default onnxruntime). Each inference route names its body schema and its task; `serve` does the
 rest, the same way for every route:
 
-    admit (503 unless ready) -> parse (415, 422, 413) -> decode (400, 413) ->
-    task: batch and run the model (499 if the client leaves, 429, 504) -> render (timing headers)
+    admit (503 unless ready) -> parse (415, 422, 413) -> check (404, 400) ->
+    decode (400, 413) -> task: batch and run the model (499 if the client leaves, 429, 504) ->
+    render (timing headers)
 
-A new route that takes images (an OpenAI-style /v1/embeddings, say) is a schema, a task that
-returns an Answer, and a three-line handler that calls `serve`.
+A new route that takes images is a schema, a task that returns an Answer, and a three-line
+handler that calls `serve`: OpenAI's /v1/embeddings is one (openai_compat.py holds its bodies).
 """
 
 from __future__ import annotations
@@ -42,11 +43,28 @@ from simmim_core.model_dir import ModelDir, ModelDirError, load_model_dir
 from .backend import BackendFactory, OnnxBackend
 from .batcher import Timing
 from .engine import Engine
-from .errors import ERRORS, ClientDisconnected, NotReady, Unauthorized, install_error_handlers
+from .errors import (
+    ERRORS,
+    ClientDisconnected,
+    ModelNotFound,
+    NotReady,
+    Unauthorized,
+    install_error_handlers,
+)
 from .inputs import read_body
 from .metrics import Metrics
 from .middleware import BodyLimit, Observe
-from .openapi import error_docs, request_body_docs
+from .openai_compat import (
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ModelList,
+    ModelObject,
+    OpenAIErrorResponse,
+    check_model_id,
+    embedding_list,
+    model_object,
+)
+from .openapi import error_docs, json_body_docs, request_body_docs
 from .processes import Peers
 from .schemas import (
     EmbedRequest,
@@ -72,7 +90,8 @@ Images = dict[str, list[np.ndarray]]  # image field -> float32 [C, H, W] per ima
 # number as JSON floats, 10 ns as base64), where a hand-off to a thread would cost more; larger
 # ones in the decode pool.
 INLINE_NUMBERS = 4096
-FAILURES = error_docs(*ERRORS)
+FAILURES = error_docs(*(e for e in ERRORS if e is not ModelNotFound))  # 404: /v1 only
+OPENAI_FAILURES = error_docs(*ERRORS, model=OpenAIErrorResponse)
 
 # The web page at / (package data: HTML, CSS, JavaScript; no CDN, no build step). Its policy lets
 # it load nothing but this server's files and talk to nothing but this server.
@@ -147,6 +166,24 @@ def add_routes(app: FastAPI, guarded: list) -> None:
             openapi_extra=request_body_docs(schema),
             responses={**FAILURES, **responses},
         )
+    openai = {"dependencies": guarded, "tags": ["OpenAI-compatible"]}
+    app.add_api_route(
+        "/v1/embeddings",
+        openai_embeddings,
+        methods=["POST"],
+        response_model=EmbeddingsResponse,
+        openapi_extra=json_body_docs(EmbeddingsRequest),
+        responses=OPENAI_FAILURES,
+        **openai,
+    )
+    app.add_api_route("/v1/models", openai_models, response_model=ModelList, **openai)
+    app.add_api_route(
+        "/v1/models/{model}",
+        openai_model,
+        response_model=ModelObject,
+        responses=error_docs(ModelNotFound, model=OpenAIErrorResponse),
+        **openai,
+    )
 
 
 PNG_RESPONSE = {
@@ -212,6 +249,24 @@ async def reconstruct(request: Request) -> Response:
     return await serve(request, ReconstructRequest, task)
 
 
+async def openai_embeddings(request: Request) -> Response:
+    """OpenAI's embeddings API, for images: the same batcher and vectors as /embed with
+    normalize=true (L2-normalised)."""
+    return await serve(request, EmbeddingsRequest, embed_for_openai)
+
+
+async def openai_models(request: Request) -> dict:
+    """The served model, in OpenAI's list of models."""
+    return {"object": "list", "data": [model_object(request.app.state.engine.model)]}
+
+
+async def openai_model(request: Request, model: str) -> dict:
+    """The served model as OpenAI's model object; 404 for any other id."""
+    served = request.app.state.engine.model
+    check_model_id(model, served)
+    return model_object(served)
+
+
 # --- the request path ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Answer:
@@ -232,13 +287,15 @@ Task = Callable[[Engine, Body, Images], Awaitable[tuple[Answer, Timing]]]
 async def serve(request: Request, schema: type[Body], task: Task[Body]) -> Response:
     """The path of every inference request:
     1. admit: 503 unless ready; counted until answered, so that a drain waits for it;
-    2. parse the body (JSON or multipart) into `schema`: 415, 422, 413 over max_images;
+    2. parse the body (JSON or multipart) into `schema`: 415, 422, 413 over max_images; then
+       what the served model cannot do (schema.check: 404, 400);
     3. decode its images, field by field, to model input: 400 or 413 naming the image;
     4. task: submit them to the batchers and wait, cancelled with 499 if the client leaves;
     5. render the task's Answer, with the request's timings as headers."""
     engine: Engine = request.app.state.engine
     async with engine.admit():
         body = await read_body(request, schema, engine.settings.max_images)
+        body.check(engine.model)
         start = time.perf_counter()
         images = {
             field: await engine.decode_images(sources, field)
@@ -315,6 +372,22 @@ async def embed_images(engine: Engine, body: EmbedRequest, images: Images) -> tu
     return answer, timing
 
 
+async def embed_for_openai(
+    engine: Engine, body: EmbeddingsRequest, images: Images
+) -> tuple[Answer, Timing]:
+    """/v1/embeddings: float32 [N, D] L2-normalised (as /embed's), or its first body.dimensions
+    columns renormalised (a projected model; checked by body.check)."""
+    vectors, timing = await engine.embed(images["input"])
+    vectors = l2_normalize(vectors[:, : body.dimensions] if body.dimensions else vectors)
+    name, encoding = engine.model.name, body.encoding_format
+    answer = json_answer(
+        lambda: embedding_list(base64_rows(vectors) if encoding == "base64" else vectors, name),
+        len(vectors),
+        inline=vectors.size <= INLINE_NUMBERS,
+    )
+    return answer, timing
+
+
 async def compare_images(
     engine: Engine, body: SimilarityRequest, images: Images
 ) -> tuple[Answer, Timing]:
@@ -383,14 +456,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def base64_rows(vectors: np.ndarray) -> list[str]:
+    """float32 [N, D] -> each row as base64 of its little-endian float32 bytes."""
+    return [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+
+
 def embeddings_body(vectors: np.ndarray, encoding: str, model_name: str) -> dict:
     """float32 [N, D] -> the /embed response: rows as numbers, or as base64 of little-endian
     float32 bytes."""
-    out = (
-        [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-        if encoding == "base64"
-        else vectors
-    )
+    out = base64_rows(vectors) if encoding == "base64" else vectors
     return {"model": model_name, "dim": int(vectors.shape[1]), "embeddings": out}
 
 

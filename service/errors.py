@@ -1,7 +1,10 @@
 """Every error the service answers with, and the one table that maps them to HTTP statuses.
 
 Body of every error response: {"error": {"code": str, "message": str, "index": int?}}, where
-index names the offending image in the request's list (counting from 0) when there is one.
+index names the offending image in the request's list (counting from 0) when there is one. On
+the OpenAI-compatible routes (/v1/...) the same errors take OpenAI's shape instead:
+{"error": {"message": str, "type": str, "param": str | null, "code": str}}, param naming the
+request field at fault ("model", "input[2]").
 """
 
 from __future__ import annotations
@@ -22,14 +25,27 @@ class ServiceError(Exception):
     """An error whose message is written for the client; ERRORS gives its status and code."""
 
     def __init__(
-        self, message: str, *, index: int | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        index: int | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
-        self.message, self.index, self.headers = message, index, headers or {}
+        self.message, self.index, self.param, self.headers = message, index, param, headers or {}
 
 
 class InvalidImage(ServiceError):
     """An input that is not a decodable image (or not valid base64)."""
+
+
+class UnsupportedDimensions(ServiceError):
+    """/v1/embeddings: `dimensions` the served model cannot give."""
+
+
+class ModelNotFound(ServiceError):
+    """/v1: a model id other than the served model's."""
 
 
 class Unauthorized(ServiceError):
@@ -82,7 +98,9 @@ class RequestTimeout(ServiceError):
 
 ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     InvalidImage: (400, "invalid_image"),
+    UnsupportedDimensions: (400, "unsupported_dimensions"),
     Unauthorized: (401, "unauthorized"),
+    ModelNotFound: (404, "model_not_found"),
     PayloadTooLarge: (413, "payload_too_large"),
     TooManyImages: (413, "too_many_images"),
     ImageTooLarge: (413, "image_too_large"),
@@ -97,6 +115,9 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
 }
 
 
+OPENAI_PREFIX = "/v1/"  # routes whose errors take OpenAI's shape
+
+
 def error_body(code: str, message: str, index: int | None = None) -> dict:
     error = {"code": code, "message": message}
     if index is not None:
@@ -104,9 +125,39 @@ def error_body(code: str, message: str, index: int | None = None) -> dict:
     return {"error": error}
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
+def openai_error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_json(
+    path: str,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    index: int | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An error response for a request to `path`: OpenAI's shape under /v1/, else ours."""
+    if path.startswith(OPENAI_PREFIX):
+        error = {"message": message, "type": openai_error_type(status), "param": param}
+        body = {"error": {**error, "code": code}}
+    else:
+        body = error_body(code, message, index)
+    return JSONResponse(body, status, headers=headers)
+
+
+def error_response(exc: ServiceError, path: str) -> JSONResponse:
     status, code = ERRORS[type(exc)]
-    return JSONResponse(error_body(code, exc.message, exc.index), status, headers=exc.headers)
+    return error_json(
+        path, status, code, exc.message, index=exc.index, param=exc.param, headers=exc.headers
+    )
 
 
 def describe_validation(exc: ValidationError | RequestValidationError) -> str:
@@ -116,23 +167,31 @@ def describe_validation(exc: ValidationError | RequestValidationError) -> str:
     )
 
 
+def invalid_request(exc: ValidationError | RequestValidationError) -> InvalidRequest:
+    """The 422 for a body that does not match its schema; param: the first field at fault."""
+    loc = exc.errors()[0]["loc"] if exc.errors() else ()
+    return InvalidRequest(describe_validation(exc), param=str(loc[0]) if loc else None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through ERRORS (or the HTTP status it already carries)."""
 
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(InvalidRequest(describe_validation(exc)))
+        return error_response(invalid_request(exc), request.url.path)
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        return error_json(
+            request.url.path, exc.status_code, code, str(exc.detail), headers=exc.headers
+        )
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body("internal", "internal server error; see the server log"), 500
+        return error_json(
+            request.url.path, 500, "internal", "internal server error; see the server log"
         )
 
     app.add_exception_handler(ServiceError, service_error)

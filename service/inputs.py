@@ -34,7 +34,7 @@ from .errors import (
     InvalidRequest,
     TooManyImages,
     UnsupportedMediaType,
-    describe_validation,
+    invalid_request,
 )
 from .schemas import RequestBody
 
@@ -68,7 +68,7 @@ async def read_body(request: Request, model: type[Body], max_images: int) -> Bod
                 "application/json or multipart/form-data"
             )
     except ValidationError as e:
-        raise InvalidRequest(describe_validation(e)) from None
+        raise invalid_request(e) from None
     if body.image_count > max_images:
         raise TooManyImages(f"{body.image_count} images in one request; the limit is {max_images}")
     return body
@@ -150,13 +150,15 @@ async def decode_images(
             results[i] = result
     for i, result in enumerate(results):
         if isinstance(result, ImageTooLargeError):
-            raise ImageTooLarge(f"{field}[{i}]: {result}", index=i)
+            raise ImageTooLarge(f"{field}[{i}]: {result}", index=i, param=f"{field}[{i}]")
         if isinstance(result, (ImageDecodeError, InvalidBase64)):
-            raise InvalidImage(f"{field}[{i}]: {result}", index=i)
+            raise InvalidImage(f"{field}[{i}]: {result}", index=i, param=f"{field}[{i}]")
         if isinstance(result, Exception):  # an image Pillow chokes on: still the image's fault
             log.warning("%s[%d] could not be processed", field, i, exc_info=result)
             raise InvalidImage(
-                f"{field}[{i}]: image could not be processed ({type(result).__name__})", index=i
+                f"{field}[{i}]: image could not be processed ({type(result).__name__})",
+                index=i,
+                param=f"{field}[{i}]",
             )
         if isinstance(result, BaseException):
             raise result

@@ -35,7 +35,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(self._error())(scope, receive, send)
+            return await error_response(self._error(), scope["path"])(scope, receive, send)
         received = 0
 
         async def limited_receive() -> Message:

@@ -3,13 +3,31 @@ JSON (images in base64) or multipart (images as files)."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from .errors import ERRORS
 from .schemas import ErrorResponse, RequestBody
 
 
-def error_docs(*exceptions) -> dict:
-    """OpenAPI `responses` for the given ServiceError types (by status)."""
-    return {ERRORS[e][0]: {"model": ErrorResponse} for e in exceptions}
+def error_docs(*exceptions, model: type[BaseModel] = ErrorResponse) -> dict:
+    """OpenAPI `responses` for the given ServiceError types (by status), in `model`'s shape."""
+    return {ERRORS[e][0]: {"model": model} for e in exceptions}
+
+
+def json_body_docs(model: type[BaseModel]) -> dict:
+    """OpenAPI requestBody: the model as JSON (its nested models written in place)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    content = {"application/json": {"schema": inline(schema)}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def request_body_docs(model: type[RequestBody]) -> dict:

@@ -7,6 +7,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from simmim_core.model_dir import ModelDir
+
 ImageInput = Annotated[
     str | bytes,
     Field(
@@ -33,6 +35,10 @@ class RequestBody(BaseModel):
     @property
     def image_count(self) -> int:
         return sum(len(images) for images in self.image_lists().values())
+
+    def check(self, model: ModelDir) -> None:
+        """Refuse, once parsed, what the served model cannot do (a ServiceError); by default
+        nothing."""
 
 
 class EmbedRequest(RequestBody):

@@ -23,11 +23,12 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .images import encode_png
-from .protocol import Health, Reconstruction
+from .protocol import EmbedResult, Health, Reconstruction
 
 __all__ = [
     "AsyncClient",
     "Client",
+    "EmbedResult",
     "Health",
     "Reconstruction",
     "APIError",

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from .protocol import (
     Call,
     ClientCore,
+    EmbedResult,
     Flow,
     Health,
     Reconstruction,
@@ -114,9 +116,17 @@ class Client(ClientCore):
         normalize: bool = True,
         batch_size: int | None = None,
         progress: bool = False,
-    ) -> np.ndarray:
-        """Images -> float32 [N, D] embeddings, in order (L2-normalised unless normalize=False)."""
-        return self._run(self._embed(images, normalize, batch_size, progress))
+        on_error: Literal["raise", "skip"] = "raise",
+    ) -> np.ndarray | EmbedResult:
+        """Images -> float32 [N, D] embeddings, in order (L2-normalised unless normalize=False).
+
+        on_error="raise": the first image that cannot be read or embedded raises (an APIError
+        whose .index names it in your list, or the error reading it). on_error="skip": such
+        images are left out and an EmbedResult returned: .vectors [M, D], .indexes [M] (which
+        of your images each row is), .errors {index: exception}. A request refused for one
+        image is sent again without it (a batch with k bad images costs k more requests);
+        errors that are no image's fault (key, limits, server) still raise."""
+        return self._run(self._embed(images, normalize, batch_size, progress, on_error))
 
     def similarity(self, a: Sequence, b: Sequence | None = None) -> np.ndarray:
         """float32 [len(a), len(b)] cosine similarities (b omitted: a against itself). One
@@ -229,8 +239,9 @@ class AsyncClient(ClientCore):
         normalize: bool = True,
         batch_size: int | None = None,
         progress: bool = False,
-    ) -> np.ndarray:
-        return await self._run(self._embed(images, normalize, batch_size, progress))
+        on_error: Literal["raise", "skip"] = "raise",
+    ) -> np.ndarray | EmbedResult:
+        return await self._run(self._embed(images, normalize, batch_size, progress, on_error))
 
     async def similarity(self, a: Sequence, b: Sequence | None = None) -> np.ndarray:
         return await self._run(self._similarity(a, b))

@@ -24,11 +24,16 @@ import httpx
 import numpy as np
 
 from .errors import APIError, ConnectionFailedError, error_from_response, retry_after
-from .images import to_upload
+from .images import Upload, to_upload
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = (429, 503)
 RETRY_ERRORS = (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+# Errors that are one image's fault, and that on_error="skip" records instead of raising: read
+# here (a missing file, an object that is not an image), or refused by the server with its
+# index (400 invalid_image, 413 image_too_large).
+READ_ERRORS = (OSError, TypeError, ValueError)
+ON_ERROR = ("raise", "skip")
 T = TypeVar("T")
 
 
@@ -38,6 +43,15 @@ class Reconstruction:
     masked_input: bytes  # PNG: the preprocessed image with the masked patches blanked
     reconstruction: bytes  # PNG: the model's reconstruction
     loss: float  # mean L1 over masked pixels, normalised pixel space
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedResult:
+    """What embed(..., on_error="skip") could make: every image but those in `errors`."""
+
+    vectors: np.ndarray  # float32 [M, D]: the images embedded, in your order
+    indexes: np.ndarray  # int64 [M]: which of your images each row is
+    errors: dict[int, Exception]  # your image's index -> why it was skipped (by index)
 
 
 @dataclass(frozen=True)
@@ -167,21 +181,63 @@ class ClientCore:
         return exchange(call, read, retry, self.base_url, offset)
 
     def _embed(
-        self, images, normalize: bool, batch_size: int | None, progress: bool
-    ) -> Flow[np.ndarray]:
-        """float32 [N, D]: requests of batch_size images, run together, results in order."""
+        self, images, normalize: bool, batch_size: int | None, progress: bool, on_error: str
+    ) -> Flow[np.ndarray | EmbedResult]:
+        """float32 [N, D] (or with on_error="skip", an EmbedResult): requests of batch_size
+        images, run together, results in order."""
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, not {on_error!r}")
         images = list(images)
         if not images:
             raise ValueError("no images to embed")
         size = batch_size or self.batch_size
         batches = [(i, images[i : i + size]) for i in range(0, len(images), size)]
-        flows = [self._embed_batch(batch, normalize, offset) for offset, batch in batches]
-        vectors = yield Together(flows, [len(batch) for _, batch in batches], progress)
-        return np.concatenate(vectors)
+        embed_batch = self._embed_batch if on_error == "raise" else self._embed_batch_skipping
+        flows = [embed_batch(batch, normalize, offset) for offset, batch in batches]
+        results = yield Together(flows, [len(batch) for _, batch in batches], progress)
+        if on_error == "raise":
+            return np.concatenate(results)
+        vectors = [r.vectors for r in results if len(r.indexes)]
+        if not vectors:  # nothing embedded: the width still comes from the model
+            info = yield from self._info()
+            vectors = [np.empty((0, info["model"]["embedding_dim"]), np.float32)]
+        return EmbedResult(
+            np.concatenate(vectors),
+            np.concatenate([r.indexes for r in results]),
+            dict(sorted((i, e) for r in results for i, e in r.errors.items())),
+        )
 
     def _embed_batch(self, images: list, normalize: bool, offset: int) -> Flow[np.ndarray]:
         """One /embed request; its images are read (or encoded) only once it starts."""
-        return (yield from self._exchange(embed_call(images, normalize), read_embeddings, offset))
+        uploads = [to_upload(x, f"image{i}") for i, x in enumerate(images)]
+        call = embed_call(uploads, normalize)
+        return (yield from self._exchange(call, read_embeddings, offset))
+
+    def _embed_batch_skipping(self, images: list, normalize: bool, offset: int) -> Flow:
+        """_embed_batch, with the images that cannot be read here or are refused by the server
+        (an error naming the image) left out and recorded: a request refused for one image is
+        sent again without it, so a batch with k bad images costs k more requests, and the
+        images before the bad one, already decoded once by the server, are decoded again."""
+        errors: dict[int, Exception] = {}
+        uploads: dict[int, Upload] = {}  # the batch's image index -> upload
+        for i, x in enumerate(images):
+            try:
+                uploads[i] = to_upload(x, f"image{i}")
+            except READ_ERRORS as e:
+                errors[offset + i] = e
+        todo = list(uploads)
+        while todo:
+            call = embed_call([uploads[i] for i in todo], normalize)
+            try:
+                vectors = yield from self._exchange(call, read_embeddings)
+            except APIError as e:
+                if e.index is None or not 0 <= e.index < len(todo):
+                    raise  # not one image's fault (auth, limits, server): every batch fails
+                e.index = offset + todo.pop(e.index)
+                errors[e.index] = e
+                continue
+            return EmbedResult(vectors, np.array(todo, np.int64) + offset, errors)
+        return EmbedResult(np.empty((0, 0), np.float32), np.empty(0, np.int64), errors)
 
     def _similarity(self, a: Sequence, b: Sequence | None) -> Flow[np.ndarray]:
         """float32 [len(a), len(b)]: one /similarity request when a and b fit in batch_size
@@ -191,8 +247,8 @@ class ClientCore:
             raise ValueError("a (and b, when given) must hold at least one image")
         if len(a) + len(b or []) <= self.batch_size:
             return (yield from self._exchange(similarity_call(a, b), read_scores))
-        ea = yield from self._embed(a, True, None, False)
-        eb = ea if b is None else (yield from self._embed(b, True, None, False))
+        ea = yield from self._embed(a, True, None, False, "raise")
+        eb = ea if b is None else (yield from self._embed(b, True, None, False, "raise"))
         return ea @ eb.T
 
     def _reconstruct(self, image, mask_ratio: float | None, seed: int | None) -> Flow:
@@ -218,8 +274,8 @@ class ClientCore:
 
 
 # --- requests and answers ------------------------------------------------------------------
-def embed_call(images: list, normalize: bool) -> Call:
-    files = [("images", to_upload(x, f"image{i}")) for i, x in enumerate(images)]
+def embed_call(uploads: list[Upload], normalize: bool) -> Call:
+    files = [("images", upload) for upload in uploads]
     return Call(
         "POST", "/embed", files, {"normalize": str(normalize).lower(), "encoding": "base64"}
     )

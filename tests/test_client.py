@@ -38,6 +38,7 @@ from simmim_client import (
     BadRequestError,
     Client,
     ConnectionFailedError,
+    EmbedResult,
     Health,
     PayloadTooLargeError,
     QueueFullError,
@@ -181,6 +182,67 @@ def test_server_errors_raise_typed_exceptions_with_code_message_and_list_index(
     assert info.value.code == "unauthorized"
 
 
+# --- on_error="skip": bulk work does not die on one bad file -----------------------------------
+def bulk_with_bad_images(tmp_path) -> tuple[list, dict[int, type], list[int]]:
+    """30 images, batch_size 4 (8 requests): bad ones alone (3), side by side (8, 9), read here
+    (a missing file at 14, an object that is no image at 29), and a whole batch (20-23).
+    Returns (images, {bad index: the exception type expected}, the good indexes)."""
+    images: list = [png_bytes(i) for i in range(30)]
+    bad = {3: BadRequestError, 8: BadRequestError, 9: BadRequestError, 14: FileNotFoundError}
+    bad |= {i: BadRequestError for i in range(20, 24)} | {29: TypeError}
+    for i, kind in bad.items():
+        if kind is BadRequestError:
+            images[i] = png_bytes(i)[:60] if i % 2 else b"not an image"
+    images[14] = tmp_path / "missing.png"
+    images[29] = object()
+    return images, bad, [i for i in range(30) if i not in bad]
+
+
+def test_on_error_skip_returns_every_good_vector_and_each_bad_images_error(client, ref, tmp_path):
+    images, bad, good = bulk_with_bad_images(tmp_path)
+    result = client.embed(images, batch_size=4, on_error="skip")
+    assert isinstance(result, EmbedResult)
+    assert result.indexes.tolist() == good
+    assert result.vectors.dtype == np.float32 and result.vectors.shape == (len(good), 2048)
+    np.testing.assert_allclose(
+        result.vectors, unit(ref.embed([images[i] for i in good])), atol=1e-5, rtol=0
+    )
+    assert list(result.errors) == sorted(bad)
+    for i, error in result.errors.items():
+        assert type(error) is bad[i], (i, error)
+        if isinstance(error, BadRequestError):
+            assert error.index == i and error.code == "invalid_image"
+
+
+def test_a_skipped_image_costs_one_more_request_of_its_batch(client, server, tmp_path):
+    images, bad, _ = bulk_with_bad_images(tmp_path)
+    refused_by_server = sum(1 for kind in bad.values() if kind is BadRequestError)
+
+    def count(status: str) -> float:
+        return server.metric("simmim_requests_total", endpoint="/embed", status=status)
+
+    ok, refused = count("200"), count("400")
+    client.embed(images, batch_size=4, on_error="skip")
+    assert count("400") - refused == refused_by_server
+    assert count("200") - ok == 7  # 8 batches; 20-23 had nothing left to send
+
+
+def test_on_error_skip_with_no_good_image_gives_no_rows_of_the_models_width(client, ref):
+    result = client.embed([b"not an image", b"nor this"], on_error="skip")
+    assert result.vectors.shape == (0, ref.model.card["embedding_dim"])
+    assert result.indexes.tolist() == [] and list(result.errors) == [0, 1]
+
+
+def test_on_error_skip_still_raises_what_is_no_images_fault(server, connect):
+    with connect(server.url, api_key="wrong") as wrong:
+        with pytest.raises(AuthenticationError):
+            wrong.embed([png_bytes(0)], on_error="skip")
+    with connect(server.url, api_key=API_KEY) as c:
+        with pytest.raises(PayloadTooLargeError) as info:
+            c.embed([png_bytes(0)] * 9, batch_size=9, on_error="skip")
+    assert info.value.code == "too_many_images"
+
+
 def test_a_request_refused_with_429_is_retried_until_it_succeeds(server, connect, ref):
     held, extra = [png_bytes(i) for i in range(40, 48)], png_bytes(50)
     refused = server.metric("simmim_requests_total", endpoint="/embed", status="429")
@@ -310,6 +372,14 @@ def test_other_errors_are_not_retried(connect):
         with pytest.raises(BadRequestError) as info:
             c.info()
     assert info.value.status == 400 and transport.requests == 2
+
+
+def test_an_unknown_on_error_is_refused_before_anything_is_sent(connect):
+    transport = scripted()
+    with connect("http://test", transport=transport) as c:
+        with pytest.raises(ValueError, match="on_error must be one of"):
+            c.embed([b"x"], on_error="ignore")
+    assert transport.requests == 0
 
 
 def test_empty_lists_are_refused_before_anything_is_sent(connect):

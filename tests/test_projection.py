@@ -34,6 +34,15 @@ def test_pca_keeps_the_directions_of_largest_variance_in_order():
     assert variances[0] > variances[1] > variances[2]
 
 
+@pytest.mark.parametrize("kind", ["pca", "pca-whiten"])
+def test_the_first_axes_of_a_projection_are_the_projection_to_fewer_axes(kind):
+    """Why /v1/embeddings may shorten a projected model's vectors (`dimensions`)."""
+    x = correlated()
+    np.testing.assert_allclose(
+        fit_projection(x, kind, 5)(x)[:, :2], fit_projection(x, kind, 2)(x), atol=1e-4
+    )
+
+
 def test_projection_specs_are_parsed_or_rejected_with_the_form():
     assert parse_projection("pca-whiten:256") == ("pca-whiten", 256)
     for bad in ("pca", "whiten:3", "pca:0", "pca:x"):
