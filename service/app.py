@@ -21,12 +21,12 @@ import hmac
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -76,6 +76,7 @@ from .schemas import (
     SimilarityResponse,
 )
 from .settings import Settings
+from .tracing import Tracing, fastapi_telemetry, from_environment
 
 try:
     __version__ = version("simmim-service")
@@ -92,6 +93,7 @@ Images = dict[str, list[np.ndarray]]  # image field -> float32 [C, H, W] per ima
 INLINE_NUMBERS = 4096
 FAILURES = error_docs(*(e for e in ERRORS if e is not ModelNotFound))  # 404: /v1 only
 OPENAI_FAILURES = error_docs(*ERRORS, model=OpenAIErrorResponse)
+UNTRACED = nullcontext()  # a request's stage while tracing is off
 
 # The web page at / (package data: HTML, CSS, JavaScript; no CDN, no build step). Its policy lets
 # it load nothing but this server's files and talk to nothing but this server.
@@ -103,22 +105,29 @@ PAGE_POLICY = (
 
 
 def create_app(
-    settings: Settings, backend: BackendFactory | None = None, peers: Peers | None = None
+    settings: Settings,
+    backend: BackendFactory | None = None,
+    peers: Peers | None = None,
+    tracer_provider: Any = None,
 ) -> FastAPI:
     """Check the model directory now (ModelDirError if it cannot be served); the backend is
     loaded, warmed up and timed in the background once the server runs. backend: what loads
     it (default: onnxruntime, OnnxBackend.from_settings); peers: this process's place among
-    several server processes (default: the only one)."""
+    several server processes (default: the only one); tracer_provider: an OpenTelemetry SDK
+    TracerProvider to trace requests into (default: as the OTEL_* environment says, which is
+    off unless it asks for traces; TracingError if it asks for what cannot run here)."""
     model = checked_model_dir(settings.model_dir)
     peers = peers or Peers()
     metrics = Metrics(multiprocess=peers.count > 1)
-    engine = Engine(settings, model, metrics, peers, backend or OnnxBackend.from_settings)
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else from_environment()
+    engine = Engine(settings, model, metrics, peers, backend or OnnxBackend.from_settings, tracing)
     app = FastAPI(
         title="simmim-service",
         version=__version__,
         lifespan=lifespan,
         description=f"SimMIM image embeddings and reconstructions from {model.name!r}, "
         "batched dynamically.",
+        telemetry=fastapi_telemetry(tracing),
     )
     app.state.engine = engine
     install_error_handlers(app)
@@ -133,11 +142,14 @@ def create_app(
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Load the model in the background while serving; at shutdown, finish what is queued."""
+    """Load the model in the background while serving; at shutdown, finish what is queued
+    (and export the spans)."""
     engine: Engine = app.state.engine
     engine.start()
     yield
     await engine.close()
+    if engine.tracing is not None:
+        engine.tracing.shutdown()
 
 
 # --- routes: module-level handlers, added to each app by add_routes -------------------------
@@ -291,20 +303,28 @@ async def serve(request: Request, schema: type[Body], task: Task[Body]) -> Respo
        what the served model cannot do (schema.check: 404, 400);
     3. decode its images, field by field, to model input: 400 or 413 naming the image;
     4. task: submit them to the batchers and wait, cancelled with 499 if the client leaves;
-    5. render the task's Answer, with the request's timings as headers."""
+    5. render the task's Answer, with the request's timings as headers.
+    While tracing, decode and render are spans (the batcher adds queue and inference)."""
     engine: Engine = request.app.state.engine
+    spans = engine.tracing
     async with engine.admit():
         body = await read_body(request, schema, engine.settings.max_images)
         body.check(engine.model)
+        lists = body.image_lists()
+        if spans:
+            count = sum(len(sources) for sources in lists.values())
+            spans.annotate({"simmim.images": count, "simmim.request_id": request.state.request_id})
         start = time.perf_counter()
-        images = {
-            field: await engine.decode_images(sources, field)
-            for field, sources in body.image_lists().items()
-        }
+        with spans.stage("decode") if spans else UNTRACED:
+            images = {
+                field: await engine.decode_images(sources, field)
+                for field, sources in lists.items()
+            }
         decode_s = time.perf_counter() - start
         answer, timing = await cancel_on_disconnect(request, task(engine, body, images))
         start = time.perf_counter()
-        content = answer.build() if answer.inline else await engine.off_loop(answer.build)
+        with spans.stage("render") if spans else UNTRACED:
+            content = answer.build() if answer.inline else await engine.off_loop(answer.build)
         seconds = {
             "decode": decode_s,
             "queue": timing.queue_s,

@@ -20,10 +20,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
 from .metrics import TaskMetrics
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("simmim.batcher")
 
@@ -36,6 +39,7 @@ class Item:
     wait_s: float = 0.0  # admission -> start of its batch
     batch: int = -1  # which batch ran it
     batch_s: float = 0.0  # that batch's model call
+    trace: tuple | None = None  # while tracing: (its request's span, admission time in ns)
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class Batcher:
 
     coming() -> how many requests will submit items soon (e.g. are being decoded); while it is 0
     a batch runs at once instead of waiting for company. None: always wait up to max_wait_s.
-    workers: most batches running at once (`executor` needs at least as many threads)."""
+    workers: most batches running at once (`executor` needs at least as many threads).
+    tracing: spans for each batch and each request's wait and model call (None: off)."""
 
     def __init__(
         self,
@@ -65,10 +70,11 @@ class Batcher:
         metrics: TaskMetrics,
         coming: Callable[[], int] | None = None,
         workers: int = 1,
+        tracing: Tracing | None = None,
     ):
         self.name, self._run, self._coming = name, run, coming
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
-        self.workers = workers
+        self.workers, self._tracing = workers, tracing
         self._executor, self._metrics = executor, metrics
         self._queue: deque[Item] = deque()
         self._arrived = asyncio.Event()
@@ -108,6 +114,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         items = [Item(x, loop.create_future(), now) for x in inputs]
+        if self._tracing is not None:
+            self._tracing.enqueue(items)
         for item in items:
             item.future.add_done_callback(self._release)
         self._pending += len(items)
@@ -210,9 +218,12 @@ class Batcher:
             self._metrics.queue_wait.observe(item.wait_s)
         self._metrics.batch_size.observe(len(live))
         self._metrics.running.inc(len(live))
+        call = self._call
+        if self._tracing is not None:
+            call = self._tracing.batch_call(self.name, live, call)
         try:
             outputs, seconds = await loop.run_in_executor(
-                self._executor, self._call, [item.input for item in live]
+                self._executor, call, [item.input for item in live]
             )
         except Exception:
             log.exception("%s: model call failed for a batch of %d", self.name, len(live))

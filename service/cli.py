@@ -29,6 +29,7 @@ from .errors import describe_validation
 from .logs import configure_logging
 from .processes import Peers, reuse_port_socket, serve_processes
 from .settings import ENV_PREFIX, Settings
+from .tracing import TracingError, check_environment
 
 log = logging.getLogger("simmim.serve")
 ENV_ONLY = ("api_key",)  # secrets stay out of the process list
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{Settings.model_fields['api_key'].description}. On SIGTERM or SIGINT the "
         "server drains: readiness and new requests answer 503 while admitted requests "
         "finish (up to --drain-timeout-s), then it exits 0; a second signal stops it "
-        "at once. If the model fails to load, the server exits with status 1.",
+        "at once. If the model fails to load, the server exits with status 1. Tracing "
+        "(OpenTelemetry, the tracing extra) is off unless the standard OTEL_* variables "
+        "ask for it, e.g. OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318.",
     )
     for name, field in Settings.model_fields.items():
         if name in ENV_ONLY:
@@ -155,9 +158,10 @@ def main(argv: list[str] | None = None, backend: BackendFactory | None = None) -
     try:
         if processes > 1:
             checked_model_dir(settings.model_dir)
+            check_environment()
         else:
             app = create_app(settings, backend)
-    except ModelDirError as e:
+    except (ModelDirError, TracingError) as e:
         print(f"simmim serve: {e}", file=sys.stderr)
         return 2
     if processes > 1:

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from .inputs import decode_images
 from .metrics import Metrics
 from .processes import Peers
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger("simmim.engine")
 
@@ -44,7 +48,8 @@ def finite(output: np.ndarray) -> np.ndarray:
 
 class Engine:
     """load_backend: called once start() has begun loading (BackendFactory); peers: this
-    process's place among the server's processes."""
+    process's place among the server's processes; tracing: spans of batches and of requests'
+    waits and model calls (None: off)."""
 
     def __init__(
         self,
@@ -53,8 +58,10 @@ class Engine:
         metrics: Metrics,
         peers: Peers,
         load_backend: BackendFactory,
+        tracing: Tracing | None = None,
     ):
         self.settings, self.model, self.metrics, self.peers = settings, model, metrics, peers
+        self.tracing = tracing
         self.state = LOADING
         self._load_backend = load_backend
         self.backend: Backend | None = None
@@ -147,6 +154,7 @@ class Engine:
             metrics=self.metrics.task(name),
             coming=lambda: self._decoding,
             workers=self.workers,
+            tracing=self.tracing,
         )
 
     async def drain(self, timeout_s: float) -> bool:

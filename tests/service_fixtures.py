@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,14 +137,7 @@ class ServerProcess:
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one Prometheus sample (0 when absent)."""
-        text = self.http.get("/metrics").text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return sample.value
-        return 0.0
+        return metric_value(self.http.get("/metrics").text, name, **labels)
 
     def batches_of_size(self, task: str, low: int, high: int) -> float:
         """How many batches of `task` had low < size <= high (histogram buckets)."""
@@ -185,6 +179,56 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class InProcessServer:
+    """`app` served by uvicorn on a free loopback port, on a thread of the test process (so that
+    the test can see what the app does in process: its spans, its imports)."""
+
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.app, self.url = app, f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
+        self._thread.start()
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if not self._thread.is_alive():
+                raise AssertionError("the in-process server stopped")
+            try:
+                return self.http.get("/health/ready").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, "/health/ready")
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.http.get("/metrics").text, name, **labels)
+
+    def stop(self) -> None:
+        """Shut down as on SIGTERM: uvicorn's shutdown, then the app's lifespan end."""
+        self._server.should_exit = True
+        self._thread.join(60)
+        self.http.close()
+
+    def __enter__(self) -> InProcessServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample in `text` (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
 
 
 # --- images --------------------------------------------------------------------------------
