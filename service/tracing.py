@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from .middleware import QUIET_PATHS
@@ -37,6 +37,7 @@ INSTALL = "pip install 'simmim-service[tracing]'"
 EXPORTER_GROUP = "opentelemetry_traces_exporter"  # the SDK's entry points for span exporters
 OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
 SHUTDOWN_TIMEOUT_S = 5.0
+UNRECORDED = nullcontext()
 
 
 class TracingError(Exception):
@@ -162,9 +163,12 @@ class Tracing:
         self._trace, self._root = trace, Context()
         self._tracer = provider.get_tracer("simmim-service")
 
-    def stage(self, name: str, **attributes: Any) -> AbstractContextManager:
-        """A span around one stage of the current request (a child of its span)."""
-        return self._tracer.start_as_current_span(name, attributes=attributes)
+    def stage(self, name: str) -> AbstractContextManager:
+        """A span around one stage of the current request (a child of its span); nothing if
+        the request is not being recorded (not sampled)."""
+        if not self._trace.get_current_span().is_recording():
+            return UNRECORDED
+        return self._tracer.start_as_current_span(name)
 
     def annotate(self, attributes: dict[str, Any]) -> None:
         """Attributes on the current span (in a route: the request's)."""
