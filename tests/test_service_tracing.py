@@ -449,8 +449,8 @@ def test_serve_asked_for_traces_without_the_sdk_says_how_to_install_it():
 
 # --- end to end: simmim serve -> OTLP/HTTP -> a collector --------------------------------------
 class Collector(ThreadingHTTPServer):
-    """An OTLP/HTTP trace receiver on loopback: keeps every span it is sent (with its
-    resource's service.name)."""
+    """An OTLP/HTTP trace receiver on loopback: keeps every span sent to /v1/traces, with its
+    resource's service.name."""
 
     def __init__(self):
         self.spans: list[tuple[str, object]] = []
@@ -463,7 +463,7 @@ class Collector(ThreadingHTTPServer):
 class CollectorHandler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        export = ExportTraceServiceRequest.FromString(body)
+        export = ExportTraceServiceRequest.FromString(body if self.path == "/v1/traces" else b"")
         with self.server.lock:
             for resource_spans in export.resource_spans:
                 resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
