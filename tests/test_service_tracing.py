@@ -41,9 +41,11 @@ from service import tracing
 from service.app import create_app
 from service.backend import OnnxBackend
 from service.settings import Settings, default_model_path
+from simmim_core.model_dir import load_model_dir
 
 CALLER_SPAN = "b7ad6b7169203331"
 IMAGE = base64.b64encode(png_bytes(0)).decode()
+MODEL = load_model_dir(default_model_path()).name  # the model the in-process app serves
 
 
 def traceparent(trace_id: str, sampled: bool = True) -> dict[str, str]:
@@ -184,6 +186,7 @@ def test_the_stages_follow_each_other_within_the_request_span(traced):
         ("/embed", {"images": [IMAGE, IMAGE]}, 2, "embed"),
         ("/similarity", {"a": [IMAGE, IMAGE], "b": [IMAGE]}, 3, "embed"),
         ("/reconstruct", {"image": IMAGE, "seed": 0}, 1, "reconstruct"),
+        ("/v1/embeddings", {"model": MODEL, "input": [IMAGE, IMAGE]}, 2, "embed"),
     ],
 )
 def test_each_route_is_traced_with_its_route_status_images_and_task(
