@@ -1,9 +1,14 @@
 """The load generator: a separate process that keeps `concurrency` requests in flight against one
 URL over keep-alive HTTP/1.1 connections, and stops by itself after `requests` requests or
 `seconds` seconds of steady state, whichever comes first (then waits for those in flight).
+With --rate it is an open loop instead: it starts `rate` requests per second, evenly spaced,
+whatever the answers, each on an idle one of `concurrency` connections (opened at the start);
+a request due when none is idle is not sent and counted (status -1), a connection the server
+closes without answering counts its request as status 0. Latency then runs from the time a
+request was due.
 
 usage: python -m benchmarks.loadgen URL BODIES.jsonl --concurrency C --requests R --seconds S
-           [--warmup-s W] [--out RESULT.json]
+           [--warmup-s W] [--rate REQ_PER_S] [--out RESULT.json]
 
 BODIES.jsonl holds one {"images": n, "body": {...}} per line (a POST body and how many images it
 carries); connection i sends bodies i, i + C, ... in turn. Each connection is an asyncio
@@ -23,6 +28,7 @@ import json
 import re
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -123,6 +129,92 @@ class Connection(asyncio.Protocol):
             )
         else:
             self.done.set_result(None)
+
+
+class OpenLoopConnection(Connection):
+    """A connection of the open loop: it sends when the scheduler says (send_at) and goes back
+    to the idle pool (state["idle"]) after each answer."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport, self.dead = transport, False
+        self.state["idle"].append(self)
+
+    def send_at(self, k: int, due: float) -> None:
+        data, self.images = self.requests[k % len(self.requests)]
+        self.start, self.waiting = due, True
+        self.transport.write(data)
+
+    def send_next(self) -> None:  # after an answer: ready for the next request
+        self.state["idle"].append(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.dead = True
+        if self.waiting:
+            self.waiting = False
+            self.records.append((self.start, time.perf_counter(), 0, self.images, {}))
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def run_open(
+    url: str,
+    bodies: list[bytes],
+    images: list[int],
+    rate: float,
+    connections: int,
+    seconds: float,
+    warmup_s: float,
+    timeout: float,
+) -> dict:
+    """Start `rate` requests per second for warmup_s + seconds (the window: the last
+    `seconds`), on up to `connections` connections; then wait up to `timeout` for the
+    answers in flight."""
+    parts = urlsplit(url)
+    requests = build_requests(url, bodies, images)
+    loop = asyncio.get_running_loop()
+    state = {"idle": deque(), "window": 0.0, "check": True}
+    records: list = []
+    opened = await asyncio.gather(
+        *(
+            loop.create_connection(
+                lambda: OpenLoopConnection(0, requests, state, records),
+                parts.hostname,
+                parts.port or 80,
+            )
+            for _ in range(connections)
+        )
+    )
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    window, end = t0 + warmup_s, t0 + warmup_s + seconds
+    due, k, interval = t0, 0, 1.0 / rate
+    while due < end:
+        now = time.perf_counter()
+        while due <= now:
+            idle = state["idle"]
+            while idle and idle[0].dead:
+                idle.popleft()
+            if idle:
+                idle.popleft().send_at(k, due)
+            else:
+                records.append((due, due, -1, 0, {}))  # no idle connection: not sent
+            k, due = k + 1, due + interval
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+    deadline = time.perf_counter() + timeout
+    busy = [p for _, p in opened if p.waiting]
+    while busy and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+        busy = [p for p in busy if p.waiting]
+    for transport, _ in opened:
+        transport.close()
+    result = summarize(records, window, end, connections)
+    result.update(
+        rate=rate,
+        warmup_s=warmup_s,
+        client_cpu_s=time.process_time() - cpu0,
+        wall_s=time.perf_counter() - t0,
+        unfinished_requests=len(busy),
+    )
+    return result
 
 
 async def connection(
@@ -261,13 +353,30 @@ def main(argv: list[str] | None = None) -> int:
         "anyway, marked steady=false), and for the requests in flight at the "
         "end (then they are abandoned)",
     )
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: start this many requests per second, whatever the answers, on up "
+        "to --concurrency connections (--requests is then ignored)",
+    )
     p.add_argument("--out", type=Path, help="write the result here (default: stdout)")
     args = p.parse_args(argv)
     lines = [json.loads(line) for line in args.bodies.read_text().splitlines() if line]
     bodies = [json.dumps(line["body"]).encode() for line in lines]
     images = [line["images"] for line in lines]
-    result = run_loop(
-        run(
+    if args.rate:
+        work = run_open(
+            args.url,
+            bodies,
+            images,
+            args.rate,
+            args.concurrency,
+            args.seconds,
+            args.warmup_s,
+            args.timeout,
+        )
+    else:
+        work = run(
             args.url,
             bodies,
             images,
@@ -277,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             args.warmup_s,
             args.timeout,
         )
-    )
+    result = run_loop(work)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

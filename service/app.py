@@ -1,13 +1,14 @@
 """The FastAPI app (DESIGN §4): `create_app(settings, backend, peers)`, its routes, and the one
 path every inference request takes.
 
-Layers: routes (here) -> engine (readiness, batchers, thread pools) -> backend (a Backend; by
-default onnxruntime). Each inference route names its body schema and its task; `serve` does the
-rest, the same way for every route:
+Layers: routes (here) -> engine (readiness, admission, batchers, thread pools) -> backend (a
+Backend; by default onnxruntime). Each inference route names its body schema (whose `queue`
+says which batcher it uses) and its task; `serve` does the rest, the same way for every route:
 
-    admit (503 unless ready) -> parse (415, 422, 413) -> check (404, 400) ->
-    decode (400, 413) -> task: batch and run the model (499 if the client leaves, 429, 504) ->
-    render (timing headers)
+    admit, before the body is read (503 unless ready, 429 unless its queue has room) ->
+    parse (415, 422, 413; 408 or 499 if the body does not arrive) -> check (404, 400) ->
+    decode (400, 413, 504) -> task: batch and run the model (499 if the client leaves, 429,
+    504) -> render (timing headers)
 
 A new route that takes images is a schema, a task that returns an Answer, and a three-line
 handler that calls `serve`: OpenAI's /v1/embeddings is one (openai_compat.py holds its bodies).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +33,8 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 from starlette.staticfiles import StaticFiles
@@ -53,7 +56,7 @@ from .errors import (
 )
 from .inputs import read_body
 from .metrics import Metrics
-from .middleware import BodyLimit, Observe
+from .middleware import BodyLimit, Observe, ShedLog
 from .openai_compat import (
     EmbeddingsRequest,
     EmbeddingsResponse,
@@ -102,6 +105,8 @@ PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# an absolute path, up to its last component (not the // of a URL)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"]+/)*([^\s/'\"]*)")
 
 
 def create_app(
@@ -128,14 +133,26 @@ def create_app(
         description=f"SimMIM image embeddings and reconstructions from {model.name!r}, "
         "batched dynamically.",
         telemetry=fastapi_telemetry(tracing),
+        docs_url=None,  # add_docs_routes serves them, behind the key if settings.docs says so
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.engine = engine
+    app.state.card = without_paths(model.card)
     install_error_handlers(app)
-    add_routes(app, [Depends(api_key_guard(settings.api_key))] if settings.api_key else [])
+    guarded = [Depends(api_key_guard(settings.api_key))] if settings.api_key else []
+    add_routes(app, guarded)
+    if settings.docs != "off":
+        add_docs_routes(app, guarded if settings.docs == "key" else [])
     endpoints = {route.path for route in app.routes}
+    app.state.shed_log = ShedLog()
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
-        Observe, metrics=metrics, endpoints=endpoints, log_requests=settings.log_requests
+        Observe,
+        metrics=metrics,
+        endpoints=endpoints,
+        log_requests=settings.log_requests,
+        shed_log=app.state.shed_log,
     )
     return app
 
@@ -162,13 +179,18 @@ def add_routes(app: FastAPI, guarded: list) -> None:
     app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
     app.add_api_route("/health/live", live, tags=["health"])
     app.add_api_route("/health/ready", ready, tags=["health"], responses=error_docs(NotReady))
-    app.add_api_route("/info", info, dependencies=guarded)
-    app.add_api_route("/metrics", prometheus, dependencies=guarded, response_class=Response)
+    key = error_docs(Unauthorized)
+    app.add_api_route("/info", info, dependencies=guarded, responses=key)
+    app.add_api_route(
+        "/metrics", prometheus, dependencies=guarded, response_class=Response, responses=key
+    )
+    app.state.queues = {}  # inference path -> its queue, for refusals at the connection
     for path, handler, schema, response_model, responses in (
         ("/embed", embed, EmbedRequest, EmbedResponse, {}),
         ("/similarity", similarity, SimilarityRequest, SimilarityResponse, {}),
         ("/reconstruct", reconstruct, ReconstructRequest, ReconstructResponse, PNG_RESPONSE),
     ):
+        app.state.queues[path] = schema.queue
         app.add_api_route(
             path,
             handler,
@@ -179,6 +201,7 @@ def add_routes(app: FastAPI, guarded: list) -> None:
             responses={**FAILURES, **responses},
         )
     openai = {"dependencies": guarded, "tags": ["OpenAI-compatible"]}
+    app.state.queues["/v1/embeddings"] = EmbeddingsRequest.queue
     app.add_api_route(
         "/v1/embeddings",
         openai_embeddings,
@@ -196,6 +219,22 @@ def add_routes(app: FastAPI, guarded: list) -> None:
         responses=error_docs(ModelNotFound, model=OpenAIErrorResponse),
         **openai,
     )
+
+
+def add_docs_routes(app: FastAPI, guarded: list) -> None:
+    """/openapi.json, /docs (Swagger UI) and /redoc, behind `guarded` (not in the schema)."""
+
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    async def swagger() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    for path, handler in (("/openapi.json", openapi), ("/docs", swagger), ("/redoc", redoc)):
+        app.add_api_route(path, handler, dependencies=guarded, include_in_schema=False)
 
 
 PNG_RESPONSE = {
@@ -228,10 +267,11 @@ async def ready(request: Request) -> dict:
 
 
 async def info(request: Request) -> dict:
-    """The model card, the serving settings (API key left out) and the runtime."""
+    """The model card, the serving settings (API key left out) and the runtime; no path of
+    the server's filesystem (the model directory by its name)."""
     engine: Engine = request.app.state.engine
     return {
-        "model": engine.model.card,
+        "model": request.app.state.card,
         "settings": engine.settings.public(),
         "version": __version__,
         **engine.info(),
@@ -298,17 +338,20 @@ Task = Callable[[Engine, Body, Images], Awaitable[tuple[Answer, Timing]]]
 
 async def serve(request: Request, schema: type[Body], task: Task[Body]) -> Response:
     """The path of every inference request:
-    1. admit: 503 unless ready; counted until answered, so that a drain waits for it;
+    1. admit, before reading the body: 503 unless ready, 429 unless schema.queue has room and
+       the body fits in the bytes in flight; counted until answered (drain waits for it);
     2. parse the body (JSON or multipart) into `schema`: 415, 422, 413 over max_images; then
        what the served model cannot do (schema.check: 404, 400);
-    3. decode its images, field by field, to model input: 400 or 413 naming the image;
+    3. decode its images, field by field, to model input: 400 or 413 naming the image; the
+       request timeout runs from here;
     4. task: submit them to the batchers and wait, cancelled with 499 if the client leaves;
     5. render the task's Answer, with the request's timings as headers.
     While tracing, decode and render are spans (the batcher adds queue and inference)."""
     engine: Engine = request.app.state.engine
     spans = engine.tracing
-    async with engine.admit():
+    with engine.admit(schema.queue, declared_bytes(request, engine.settings)) as admission:
         body = await read_body(request, schema, engine.settings.max_images)
+        admission.start_clock()
         body.check(engine.model)
         lists = body.image_lists()
         if spans:
@@ -321,6 +364,7 @@ async def serve(request: Request, schema: type[Body], task: Task[Body]) -> Respo
                 for field, sources in lists.items()
             }
         decode_s = time.perf_counter() - start
+        admission.queued()
         answer, timing = await cancel_on_disconnect(request, task(engine, body, images))
         start = time.perf_counter()
         with spans.stage("render") if spans else UNTRACED:
@@ -336,6 +380,12 @@ async def serve(request: Request, schema: type[Body], task: Task[Body]) -> Respo
             media_type=answer.media_type,
             headers=record_timings(request, seconds, answer.images),
         )
+
+
+def declared_bytes(request: Request, settings: Settings) -> int:
+    """The body's Content-Length, or the most it may hold when it is not declared (chunked)."""
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else settings.max_request_bytes
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -518,6 +568,18 @@ def api_key_guard(key: SecretStr):
             )
 
     return guard
+
+
+def without_paths(value):
+    """`value` (JSON-like) with every absolute path in its strings cut to its last component
+    (a model card's commands name the training machine's folders)."""
+    if isinstance(value, dict):
+        return {k: without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v) for v in value]
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(r"\1", value)
+    return value
 
 
 def checked_model_dir(path: Path) -> ModelDir:

@@ -7,7 +7,12 @@ lone request is not held back for company that will not come). Up to `workers` b
 once, each on a worker thread (never on the event loop); the next batch forms while they run.
 Each result goes back to its own future, so every caller gets exactly its own results, in
 order. Items whose request gave up (timeout, disconnect) are dropped before batching; a batch
-whose model call raises fails only its own items, and the loop keeps running.
+whose model call raises an Exception fails only its own items, and the loop keeps running.
+
+Supervision: if the loop itself dies, or a model call raises what no Exception handler catches
+(SystemExit, KeyboardInterrupt: its worker is gone), every unanswered item fails at once with
+WorkerFailed, later submits too, and `on_fatal(reason)` tells the engine, which stops the
+process.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
+from .errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown, WorkerFailed
 from .metrics import TaskMetrics
 
 if TYPE_CHECKING:
     from .tracing import Tracing
 
 log = logging.getLogger("simmim.batcher")
+RECENT = 0.2  # weight of the newest batch in the moving averages (about the last 10 batches)
 
 
 @dataclass(eq=False)
@@ -56,7 +62,9 @@ class Batcher:
     coming() -> how many requests will submit items soon (e.g. are being decoded); while it is 0
     a batch runs at once instead of waiting for company. None: always wait up to max_wait_s.
     workers: most batches running at once (`executor` needs at least as many threads).
-    tracing: spans for each batch and each request's wait and model call (None: off)."""
+    tracing: spans for each batch and each request's wait and model call (None: off).
+    item_s: seconds of model time per item, until model calls have measured it (e.g. from the
+    start-up timings; 0: unknown). on_fatal(reason): called once if the batcher dies."""
 
     def __init__(
         self,
@@ -71,30 +79,46 @@ class Batcher:
         coming: Callable[[], int] | None = None,
         workers: int = 1,
         tracing: Tracing | None = None,
+        item_s: float = 0.0,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.name, self._run, self._coming = name, run, coming
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.workers, self._tracing = workers, tracing
-        self._executor, self._metrics = executor, metrics
+        self._executor, self._metrics, self._on_fatal = executor, metrics, on_fatal
         self._queue: deque[Item] = deque()
+        self._items: set[Item] = set()  # admitted items whose future is not done
         self._arrived = asyncio.Event()
-        self._pending = 0  # admitted items whose future is not done
         self._batches = 0  # model calls so far
-        self._batch_s = 0.0  # their moving-average duration, for Retry-After
+        self._item_s = item_s  # moving average of model seconds per item
+        self._busy_rate = 0.0  # moving average of items started per second while backlogged
+        self._last_start: float | None = None  # when the last batch started (loop time)
+        self.recent_wait_s = 0.0  # moving average of the longest queue wait in each batch
         self._closing = False
+        self.dead: str | None = None  # why the batcher died
         self._task: asyncio.Task | None = None
+        metrics.capacity.set(max_queue)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.name)
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return len(self._items)
+
+    def expected_wait_s(self, extra: int = 0) -> float:
+        """Seconds until the items pending now, and `extra` more, have probably been run: the
+        items over the rate at which batches were started while items were left waiting (what
+        the process really gets through, event loop and all), or until there was such a
+        backlog, over the model time per item and worker."""
+        items = len(self._items) + extra
+        if self._busy_rate:
+            return items / self._busy_rate
+        return items * self._item_s / self.workers
 
     def retry_after(self) -> int:
         """Whole seconds until the items pending now have probably been answered, at least 1."""
-        batches = math.ceil(self._pending / self.max_batch_size / self.workers)
-        return max(1, math.ceil(batches * self._batch_s))
+        return max(1, math.ceil(self.expected_wait_s()))
 
     async def submit(self, inputs: Sequence, timeout_s: float) -> tuple[list, Timing]:
         """Admit every input as one item (all or none), then wait for the outputs, in order.
@@ -103,11 +127,13 @@ class Batcher:
         timeout_s), InferenceFailed (the model call of one of their batches raised) or
         ShuttingDown (the batcher is closing).
         """
+        if self.dead:
+            raise self._failure()
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if self._pending + len(inputs) > self.max_queue:
+        if self.pending + len(inputs) > self.max_queue:
             raise QueueFull(
-                f"the {self.name} queue is full ({self._pending} of "
+                f"the {self.name} queue is full ({self.pending} of "
                 f"{self.max_queue} images pending); retry later",
                 headers={"Retry-After": str(self.retry_after())},
             )
@@ -117,8 +143,8 @@ class Batcher:
         if self._tracing is not None:
             self._tracing.enqueue(items)
         for item in items:
-            item.future.add_done_callback(self._release)
-        self._pending += len(items)
+            item.future.add_done_callback(lambda _, item=item: self._items.discard(item))
+        self._items.update(items)
         self._queue.extend(items)
         self._metrics.queue_depth.set(len(self._queue))
         self._arrived.set()
@@ -141,15 +167,50 @@ class Batcher:
         batches = {item.batch: item.batch_s for item in items}
         return outputs, Timing(max(item.wait_s for item in items), sum(batches.values()))
 
-    def _release(self, future: asyncio.Future) -> None:
-        self._pending -= 1
-
     async def close(self) -> None:
         """Take no new items, run every queued one, then stop the task."""
         self._closing = True
         self._arrived.set()
         if self._task is not None:
             await self._task
+
+    async def _supervise(self) -> None:
+        """Run the loop; if it ends other than by close(), the batcher is dead."""
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            self._die("its task was cancelled")
+            raise
+        except BaseException as e:  # a bug in the loop, or what stopped it
+            self._die(f"its loop raised {type(e).__name__}", e)
+        else:
+            if not self._closing:
+                self._die("its loop ended")
+
+    def _die(self, reason: str, exc: BaseException | None = None) -> None:
+        """Fail every unanswered item (WorkerFailed), refuse new ones, tell on_fatal (once)."""
+        if self.dead:
+            return
+        self.dead = reason
+        log.critical(
+            "%s: the batcher died (%s); failing its %d unanswered images",
+            self.name,
+            reason,
+            self.pending,
+            exc_info=exc,
+        )
+        self._queue.clear()
+        for item in list(self._items):
+            if not item.future.done():
+                item.future.set_exception(self._failure())
+        if self._on_fatal is not None:
+            self._on_fatal(f"the {self.name} batcher died ({reason})")
+
+    def _failure(self) -> WorkerFailed:
+        return WorkerFailed(
+            f"this server process's {self.name} worker died ({self.dead}); it is exiting: "
+            "retry, another process or replica will answer"
+        )
 
     async def _loop(self) -> None:
         """Form a batch whenever a worker is free; on closing, wait for the running ones."""
@@ -160,7 +221,7 @@ class Batcher:
             running.discard(task)
             free.release()
 
-        while True:
+        while not self.dead:
             await free.acquire()
             if (batch := await self._next_batch()) is None:
                 break
@@ -173,9 +234,13 @@ class Batcher:
     async def _guarded_run(self, batch: list[Item]) -> None:
         try:
             await self._run_batch(batch)
+        except asyncio.CancelledError:
+            raise
         except Exception:  # a bug here must not strand the waiting requests
             log.exception("%s: batch bookkeeping failed", self.name)
             self._fail(batch)
+        except BaseException as e:  # SystemExit, KeyboardInterrupt...: the worker is gone
+            self._die(f"a model call raised {type(e).__name__}", e)
 
     async def _next_batch(self) -> list[Item] | None:
         """Up to max_batch_size live items, once the batch is full, the oldest has waited
@@ -216,6 +281,11 @@ class Batcher:
         for item in live:
             item.wait_s, item.batch = start - item.admitted, self._batches
             self._metrics.queue_wait.observe(item.wait_s)
+        self.recent_wait_s += (live[0].wait_s - self.recent_wait_s) * RECENT
+        if self._queue and self._last_start is not None and start > self._last_start:
+            rate = len(live) / (start - self._last_start)  # backlogged: this is the capacity
+            self._busy_rate += (rate - self._busy_rate) * (RECENT if self._busy_rate else 1)
+        self._last_start = start
         self._metrics.batch_size.observe(len(live))
         self._metrics.running.inc(len(live))
         call = self._call
@@ -232,7 +302,7 @@ class Batcher:
             return
         finally:
             self._metrics.running.dec(len(live))
-        self._batch_s += (seconds - self._batch_s) / min(self._batches, 20)
+        self._item_s += (seconds / len(live) - self._item_s) / min(self._batches, 20)
         self._metrics.inference.observe(seconds)
         self._metrics.images.inc(len(live))
         for item, output in zip(live, outputs):

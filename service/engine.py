@@ -1,10 +1,16 @@
-"""The core between the routes and the backend: loading, readiness, the batchers, the thread
-pools, and draining.
+"""The core between the routes and the backend: loading, readiness, admission, the batchers,
+the thread pools, and draining.
 
 States: loading (the backend being loaded, warmed up and its batch sizes timed) -> ready ->
-draining (after SIGTERM: no new requests, admitted ones finish); failed if loading raised. Two
-thread pools: `workers` threads run the model calls (each with its share of the cores),
-`decode_threads` decode large images and encode PNGs, overlapping inference.
+draining (after SIGTERM: no new requests, admitted ones finish); failed if loading raised or a
+batcher died (the server then exits with status 1). Two thread pools: `workers` threads run the
+model calls (each with its share of the cores), `decode_threads` decode large images and encode
+PNGs, overlapping inference; the pixels being decoded at once are bounded (DecodeBudget).
+
+Admission happens before a request's body is read, in O(1): 503 unless ready; 429 unless its
+queue has room, counting the requests admitted before it whose images are not queued yet, both
+in images (max_queue) and in time (max_queue_wait_s, from the recent model calls), and unless
+its body fits in the body bytes allowed in flight.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,8 +32,8 @@ from simmim_core.model_dir import ModelDir
 from .backend import Backend, BackendFactory, parallelism
 from .batcher import Batcher, Timing
 from .calibrate import batch_cap, batch_rates
-from .errors import InferenceFailed, NotReady, ShuttingDown
-from .inputs import decode_images
+from .errors import InferenceFailed, NotReady, QueueFull, ServiceError, ShuttingDown
+from .inputs import DecodeBudget, decode_images
 from .metrics import Metrics
 from .processes import Peers
 from .settings import Settings
@@ -36,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("simmim.engine")
 
 LOADING, READY, DRAINING, FAILED = "loading", "ready", "draining", "failed"
+# The loop time at which the request being served times out (set by Admission.start_clock)
+DEADLINE: ContextVar[float] = ContextVar("simmim_request_deadline")
 
 
 def finite(output: np.ndarray) -> np.ndarray:
@@ -77,8 +87,12 @@ class Engine:
         )
         self._batchers: dict[str, Batcher] = {}
         self._load_task: asyncio.Task | None = None
+        self.failure = ""  # why the state is FAILED
         self._inflight = 0
         self._decoding = 0  # requests whose images are being decoded
+        self._arriving = {"embed": 0, "reconstruct": 0}  # admitted requests not yet queued
+        self._body_bytes = 0  # declared body bytes of the admitted requests
+        self._decode_budget = DecodeBudget(settings.max_decode_pixels)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -114,7 +128,7 @@ class Engine:
                 self.max_batch_size = batch_cap(self.batch_rates)
         except Exception:
             log.exception("loading the model from %s failed", self.model.path)
-            self.state = FAILED
+            self.state, self.failure = FAILED, "the model failed to load"
             return
         self.backend = backend
         self._batchers = {
@@ -144,6 +158,7 @@ class Engine:
 
     def _batcher(self, name: str, run: Callable) -> Batcher:
         s = self.settings
+        rate = self.batch_rates.get(self.max_batch_size)  # img/s of the process, start-up
         return Batcher(
             name,
             run,
@@ -155,7 +170,21 @@ class Engine:
             coming=lambda: self._decoding,
             workers=self.workers,
             tracing=self.tracing,
+            item_s=self.workers / rate if rate else 0.0,
+            on_fatal=self._fatal,
         )
+
+    def _fatal(self, reason: str) -> None:
+        """A batcher died: unready at once; the server stops with status 1 (cli)."""
+        if self.state != FAILED:
+            self.state, self.failure = FAILED, reason
+            self.peers.set_ready(False)
+            self.metrics.ready.set(0)
+
+    @property
+    def inflight(self) -> int:
+        """Inference requests admitted and not yet answered."""
+        return self._inflight
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new requests (503) and wait up to timeout_s for admitted ones to finish;
@@ -190,7 +219,7 @@ class Engine:
         if self.state == DRAINING:
             raise ShuttingDown("the server is shutting down; send new requests elsewhere")
         message = (
-            "the model failed to load; see the server log"
+            f"{self.failure}; see the server log"
             if self.state == FAILED
             else "the model is loading; retry shortly"
         )
@@ -206,22 +235,48 @@ class Engine:
                 headers={"Retry-After": "1"},
             )
 
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Around one inference request: 503 unless ready; counted until it ends (for drain)."""
-        self.check_ready()
-        self._inflight += 1
-        self._idle.clear()
+    def refusal(self, queue: str, body_bytes: int) -> ServiceError | None:
+        """Why a request for `queue` declaring body_bytes must be refused now, before its body
+        is read (O(1)), or None: NotReady or ShuttingDown (503); QueueFull (429) when the
+        queue's images, with the requests admitted before it and not yet queued, reach
+        max_queue, or while there are some and the queue wait (estimated from the model time
+        per item, or observed in the recent batches if longer: the event loop may be the
+        bottleneck) is over max_queue_wait_s, or when its body does not fit in
+        max_body_bytes_in_flight."""
         try:
-            yield
-        finally:
-            self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
+            self.check_ready()
+        except ServiceError as e:
+            return e
+        s, batcher = self.settings, self._batchers[queue]
+        ahead = self._arriving[queue]
+        waiting = batcher.pending + ahead
+        wait_s = max(batcher.expected_wait_s(ahead), batcher.recent_wait_s) if waiting else 0.0
+        if waiting >= s.max_queue or wait_s > s.max_queue_wait_s:
+            return QueueFull(
+                f"the {queue} queue is full ({waiting} images, about {wait_s:.1f} s of work); "
+                "retry later",
+                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            )
+        if self._body_bytes + body_bytes > s.max_body_bytes_in_flight:
+            return QueueFull(
+                f"request bodies in flight fill this server process ({self._body_bytes} of "
+                f"{s.max_body_bytes_in_flight} bytes); retry later",
+                headers={"Retry-After": "1"},
+            )
+        return None
+
+    def admit(self, queue: str, body_bytes: int) -> Admission:
+        """Admit one inference request before its body is read (see refusal: raised), as an
+        Admission to use as a context manager: it counts the request until it ends (for
+        drain and admission)."""
+        if (error := self.refusal(queue, body_bytes)) is not None:
+            raise error
+        return Admission(self, queue, body_bytes)
 
     async def decode_images(self, sources: list, field: str) -> list[np.ndarray]:
-        """Request images -> float32 [C, H, W] each, decoded on the decode pool. Counted while
-        decoding: their items are coming, so a forming batch waits for them (up to max_wait)."""
+        """Request images -> float32 [C, H, W] each, decoded on the decode pool within the
+        pixel budget and the request's deadline. Counted while decoding: their items are
+        coming, so a forming batch waits for them (up to max_wait)."""
         self._decoding += 1
         try:
             return await decode_images(
@@ -230,21 +285,29 @@ class Engine:
                 self.model.preprocessing,
                 self.settings.max_pixels,
                 self._decode_pool,
+                self._decode_budget,
+                self._deadline(),
             )
         finally:
             self._decoding -= 1
 
+    def _deadline(self) -> float:
+        """The request's deadline (loop time): from Admission.start_clock, else from now."""
+        loop_time = asyncio.get_running_loop().time()
+        return DEADLINE.get(loop_time + self.settings.request_timeout_s)
+
+    def _timeout_s(self) -> float:
+        return max(0.0, self._deadline() - asyncio.get_running_loop().time())
+
     async def embed(self, pixels: list[np.ndarray]) -> tuple[np.ndarray, Timing]:
         """[C, H, W] each -> float32 [N, D] pooled embeddings (not normalised)."""
-        outputs, timing = await self._batchers["embed"].submit(
-            pixels, self.settings.request_timeout_s
-        )
+        outputs, timing = await self._batchers["embed"].submit(pixels, self._timeout_s())
         return finite(np.stack(outputs)), timing
 
     async def reconstruct(self, pixels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Timing]:
         """[C, H, W], uint8 [h, w] -> float32 [C, H, W] normalised reconstruction."""
         [output], timing = await self._batchers["reconstruct"].submit(
-            [(pixels, mask)], self.settings.request_timeout_s
+            [(pixels, mask)], self._timeout_s()
         )
         return finite(output), timing
 
@@ -262,3 +325,41 @@ class Engine:
             )
         process = {"index": self.peers.index, "of": self.peers.count, "pid": os.getpid()}
         return {"state": self.state, "process": process, "backend": backend}
+
+
+class Admission:
+    """One admitted request: counted in flight (drain waits for it), in its queue's arrivals
+    until queued(), and by its declared body bytes, until the `with` block ends."""
+
+    def __init__(self, engine: Engine, queue: str, body_bytes: int):
+        self.engine, self.queue, self.body_bytes = engine, queue, body_bytes
+        self._arriving = True
+
+    def __enter__(self) -> Admission:
+        e = self.engine
+        e._inflight += 1
+        e.metrics.in_flight.inc()
+        e._idle.clear()
+        e._arriving[self.queue] += 1
+        e._body_bytes += self.body_bytes
+        return self
+
+    def start_clock(self) -> None:
+        """The body has arrived: the request timeout runs from now (decoding included)."""
+        e = self.engine
+        DEADLINE.set(asyncio.get_running_loop().time() + e.settings.request_timeout_s)
+
+    def queued(self) -> None:
+        """Its images are decoded and about to join the queue (counted there from now)."""
+        if self._arriving:
+            self._arriving = False
+            self.engine._arriving[self.queue] -= 1
+
+    def __exit__(self, *exc) -> None:
+        e = self.engine
+        self.queued()
+        e._body_bytes -= self.body_bytes
+        e._inflight -= 1
+        e.metrics.in_flight.dec()
+        if not e._inflight:
+            e._idle.set()

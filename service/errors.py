@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("simmim.errors")
 
@@ -81,7 +82,18 @@ class InferenceFailed(ServiceError):
 
 
 class ClientDisconnected(ServiceError):
-    """The client went away before its results were ready (logged; nobody reads the answer)."""
+    """The client went away before its results were ready, or in the middle of sending its
+    body (logged; nobody reads the answer)."""
+
+
+class BodyTimeout(ServiceError):
+    """The request body did not arrive in full within body_timeout_s (the connection is then
+    closed)."""
+
+
+class WorkerFailed(ServiceError):
+    """A batcher or model worker of this process died: the process is exiting; retry (another
+    process or replica answers)."""
 
 
 class NotReady(ServiceError):
@@ -101,6 +113,7 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     UnsupportedDimensions: (400, "unsupported_dimensions"),
     Unauthorized: (401, "unauthorized"),
     ModelNotFound: (404, "model_not_found"),
+    BodyTimeout: (408, "body_timeout"),
     PayloadTooLarge: (413, "payload_too_large"),
     TooManyImages: (413, "too_many_images"),
     ImageTooLarge: (413, "image_too_large"),
@@ -111,15 +124,27 @@ ERRORS: dict[type[ServiceError], tuple[int, str]] = {
     InferenceFailed: (500, "inference_failed"),
     NotReady: (503, "not_ready"),
     ShuttingDown: (503, "shutting_down"),
+    WorkerFailed: (503, "worker_failed"),
     RequestTimeout: (504, "timeout"),
 }
+
+
+# An error message is at most this many characters (an error body a few hundred bytes more):
+# nothing a client sent comes back at length.
+MAX_MESSAGE = 1000
+MAX_ERRORS = 5  # validation errors described in one message
+MAX_NAME = 40  # characters of a field name (the client's own key) quoted in a message
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 OPENAI_PREFIX = "/v1/"  # routes whose errors take OpenAI's shape
 
 
 def error_body(code: str, message: str, index: int | None = None) -> dict:
-    error = {"code": code, "message": message}
+    error = {"code": code, "message": clip(message, MAX_MESSAGE)}
     if index is not None:
         error["index"] = index
     return {"error": error}
@@ -134,6 +159,22 @@ def openai_error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+def error_payload(
+    path: str,
+    status: int,
+    code: str,
+    message: str,
+    index: int | None = None,
+    param: str | None = None,
+) -> dict:
+    """The body of an error answer to a request for `path`: OpenAI's shape under /v1/, else
+    ours; the message clipped to MAX_MESSAGE characters."""
+    if path.startswith(OPENAI_PREFIX):
+        error = {"message": clip(message, MAX_MESSAGE), "type": openai_error_type(status)}
+        return {"error": {**error, "param": param, "code": code}}
+    return error_body(code, message, index)
+
+
 def error_json(
     path: str,
     status: int,
@@ -144,12 +185,8 @@ def error_json(
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """An error response for a request to `path`: OpenAI's shape under /v1/, else ours."""
-    if path.startswith(OPENAI_PREFIX):
-        error = {"message": message, "type": openai_error_type(status), "param": param}
-        body = {"error": {**error, "code": code}}
-    else:
-        body = error_body(code, message, index)
+    """An error response for a request to `path` (error_payload)."""
+    body = error_payload(path, status, code, message, index, param)
     return JSONResponse(body, status, headers=headers)
 
 
@@ -161,10 +198,16 @@ def error_response(exc: ServiceError, path: str) -> JSONResponse:
 
 
 def describe_validation(exc: ValidationError | RequestValidationError) -> str:
-    """'field.sub: what is wrong; ...' without echoing the input values back."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-    )
+    """'field.sub: what is wrong; ...' for the first MAX_ERRORS errors, without echoing the
+    input values back (field names clipped to MAX_NAME characters)."""
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    parts = [
+        f"{'.'.join(clip(str(p), MAX_NAME) for p in e['loc']) or 'body'}: {e['msg']}"
+        for e in errors[:MAX_ERRORS]
+    ]
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS} more errors")
+    return "; ".join(parts)
 
 
 def invalid_request(exc: ValidationError | RequestValidationError) -> InvalidRequest:
@@ -189,12 +232,28 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.error(
+            "unhandled error on %s %s",
+            request.method,
+            request.url.path,
+            exc_info=exc,
+            extra={"request_id": getattr(request.state, "request_id", None)},
+        )
         return error_json(
             request.url.path, 500, "internal", "internal server error; see the server log"
         )
 
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        """The body stopped coming: the server cut it (connections.py, body timeout: 408)
+        or the client went away (499). Either way nobody reads this answer."""
+        if request.scope["state"].get("body_timeout"):
+            gone = BodyTimeout("the request body did not arrive in time")
+        else:
+            gone = ClientDisconnected("the client closed the connection mid-body")
+        return error_response(gone, request.url.path)
+
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)

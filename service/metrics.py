@@ -30,6 +30,7 @@ class TaskMetrics:
     """The batcher's metrics for one task (label values already bound)."""
 
     queue_depth: Gauge  # items admitted, not yet in the model
+    capacity: Gauge  # most items admitted and unanswered (max_queue)
     running: Gauge  # items in the batches the model is running
     queue_wait: Histogram  # per item: admitted -> its batch starts
     batch_size: Histogram  # per batch: items
@@ -60,6 +61,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.in_flight = Gauge(
+            "simmim_requests_in_flight",
+            "inference requests admitted and not yet answered (a drain waits for them)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.ready = Gauge(
             "simmim_ready",
             "1 once the model is loaded and warmed up, 0 while loading or draining",
@@ -69,6 +76,14 @@ class Metrics:
         self._queue_depth = Gauge(
             "simmim_queue_depth",
             "items admitted and not yet in the model",
+            ["task"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self._capacity = Gauge(
+            "simmim_queue_capacity",
+            "most items admitted and not yet answered (SIMMIM_MAX_QUEUE; summed over the "
+            "server processes): simmim_queue_depth / simmim_queue_capacity is the queue's fill",
             ["task"],
             multiprocess_mode="livesum",
             registry=r,
@@ -119,6 +134,7 @@ class Metrics:
                 m.labels(name)
                 for m in (
                     self._queue_depth,
+                    self._capacity,
                     self._running,
                     self._queue_wait,
                     self._batch_size,

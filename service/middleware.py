@@ -17,6 +17,7 @@ from .metrics import Metrics
 access_log = logging.getLogger("simmim.access")
 
 QUIET_PATHS = ("/health/live", "/health/ready", "/metrics")  # logged at debug level only
+SHED_LOG_INTERVAL_S = 10.0  # at most one access-log line per this many seconds for 429s
 _REQUEST_ID = re.compile(r"[\w.:-]{1,64}")
 
 
@@ -55,11 +56,21 @@ class Observe:
     log line with status and timings, and the request count and latency metrics.
 
     Routes add their timings in seconds to scope["state"]["timings"]. Lines of successful
-    requests to QUIET_PATHS, or to any path unless log_requests, are logged at debug level."""
+    requests to QUIET_PATHS, or to any path unless log_requests, are logged at debug level.
+    Requests shed with 429 under overload are counted, not logged one by one: at most one line
+    per SHED_LOG_INTERVAL_S, whose `count` says how many 429s it stands for (a line per 429
+    would cost the loop the time it sheds them to save)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: set[str], log_requests: bool):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        endpoints: set[str],
+        log_requests: bool,
+        shed_log: ShedLog,
+    ):
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
-        self.log_requests = log_requests
+        self.log_requests, self.shed_log = log_requests, shed_log
         # new ids: random per process, then a counter (uuid4 costs a system call per request)
         self._prefix, self._ids = secrets.token_hex(4), itertools.count()
 
@@ -92,7 +103,8 @@ class Observe:
             self.metrics.latency.labels(endpoint).observe(seconds)
             quiet = status < 400 and (path in QUIET_PATHS or not self.log_requests)
             level = logging.DEBUG if quiet else logging.INFO
-            if access_log.isEnabledFor(level):
+            count = self.shed_log.count() if status == 429 else 1
+            if count and access_log.isEnabledFor(level):
                 timings = {
                     f"{k}_ms": round(v * 1e3, 2) for k, v in state.get("timings", {}).items()
                 }
@@ -107,5 +119,24 @@ class Observe:
                         "duration_ms": round(seconds * 1e3, 2),
                         **timings,
                         **state.get("log", {}),
+                        **({"count": count} if status == 429 else {}),
                     },
                 )
+
+
+class ShedLog:
+    """The access log of requests answered 429 under overload: at most one line per
+    SHED_LOG_INTERVAL_S (per process), which stands for `count` of them. Shared by Observe and
+    the connections' early refusals (connections.Screen)."""
+
+    def __init__(self) -> None:
+        self._count, self._logged = 0, -SHED_LOG_INTERVAL_S
+
+    def count(self) -> int:
+        """For one 429: how many 429s a line logged now stands for, or 0 to log none."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged < SHED_LOG_INTERVAL_S:
+            return 0
+        count, self._count, self._logged = self._count, 0, now
+        return count

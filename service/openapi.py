@@ -31,13 +31,25 @@ def json_body_docs(model: type[BaseModel]) -> dict:
 
 
 def request_body_docs(model: type[RequestBody]) -> dict:
-    """OpenAPI requestBody: the model as JSON (images in base64) or multipart (images as files)."""
+    """OpenAPI requestBody: the model as JSON (images in base64) or multipart (images as files),
+    each image field's own constraints (minItems, nullable, description) kept."""
     schema = model.model_json_schema()
+
+    def as_image(prop: dict, image: dict) -> dict:
+        """An image field's schema with `image` for each image: in lists, and in the
+        non-null branch of an optional field."""
+        if prop.get("type") == "array":
+            return {**prop, "items": image}
+        if any(branch.get("type") == "array" for branch in prop.get("anyOf", [])):
+            return {**prop, "anyOf": [as_image(b, image) for b in prop["anyOf"]]}
+        if "anyOf" in prop:  # one image: str | bytes
+            return {**{k: v for k, v in prop.items() if k != "anyOf"}, **image}
+        return prop
 
     def with_images(image: dict) -> dict:
         properties = dict(schema["properties"])
         for name in model.files:
-            properties[name] = {"type": "array", "items": image} if name in model.lists else image
+            properties[name] = as_image(properties[name], image)
         return {**schema, "properties": properties}
 
     base64_image = {

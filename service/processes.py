@@ -4,7 +4,9 @@ new connections over them (by a hash of the client's address and port). A socket
 process would not: the first to wake up accepts a whole burst of connections, and keep-alive
 clients then stay with it.
 
-The parent reserves the port, starts the processes, forwards SIGTERM/SIGINT to them (each
+The parent reserves the port (refusing to start if something listens there already: with
+SO_REUSEPORT alone, a second server on a busy port would bind and take half its connections),
+starts the processes, forwards SIGTERM/SIGINT to them (each
 drains), and stops them all as soon as one exits by itself (a model that fails to load, a
 crash): the orchestrator, not this process, restarts a broken server. Readiness is shared:
 /health/ready answers 200 only once every process is ready. Prometheus metrics are added up
@@ -73,6 +75,18 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_port_free(host: str, port: int) -> None:
+    """OSError if a socket listens on host:port (a server of any kind, another `simmim serve`
+    included): bound without SO_REUSEPORT, the probe conflicts with every listener, while
+    SO_REUSEADDR lets it ignore connections of a previous server still closing (TIME_WAIT).
+    Two servers started at the same instant can still both pass, before either listens."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 def serve_processes(
     settings: Settings, count: int, child: Callable[[Settings, Peers], None]
 ) -> int:
@@ -81,6 +95,7 @@ def serve_processes(
     after a signal, else 1 (also if the port cannot be bound)."""
     context = multiprocessing.get_context("spawn")
     try:  # bound but never listening: takes no connections, keeps the port (if 0) ours
+        check_port_free(settings.host, settings.port)
         reserved = reuse_port_socket(settings.host, settings.port)
     except OSError as e:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, e)

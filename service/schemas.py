@@ -1,5 +1,6 @@
 """Request and response bodies (DESIGN §4). Requests come as JSON or as multipart/form-data;
-`files` names the fields that carry images, `lists` those that repeat."""
+`files` names the fields that carry images, `lists` those that repeat, `queue` the batcher that
+runs them (embed or reconstruct: admission checks its room before the body is read)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     files: ClassVar[tuple[str, ...]] = ()  # fields that hold images
     lists: ClassVar[tuple[str, ...]] = ()  # fields that are lists (repeated in multipart)
+    queue: ClassVar[str] = "embed"  # the batcher its images go to
 
     def image_lists(self) -> dict[str, list]:
         """Each image field that was given -> its images (a single image as a list of one)."""
@@ -72,6 +74,7 @@ class SimilarityResponse(BaseModel):
 
 class ReconstructRequest(RequestBody):
     files = ("image",)
+    queue = "reconstruct"
     image: ImageInput
     mask_ratio: float | None = Field(
         None,

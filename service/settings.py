@@ -94,13 +94,29 @@ class Settings(BaseSettings):
         description="most images admitted and not yet answered, "
         "per task (embed, reconstruct); beyond it: 429",
     )
+    max_queue_wait_s: float = Field(
+        0.25,
+        gt=0,
+        description="admit a request only while the images queued before it would be "
+        "answered within this many seconds (estimated from the rate at which the process "
+        "has been getting through its queue); beyond it: 429 at once, before its body is "
+        "read",
+    )
     request_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="a request still waiting for results after this many seconds gets 504",
+        description="a request still waiting for results this many seconds after its "
+        "body arrived (decoding and queueing included) gets 504",
     )
     max_request_bytes: int = Field(
         20_000_000, ge=1, description="largest request body, in bytes (413 beyond)"
+    )
+    max_body_bytes_in_flight: int = Field(
+        64_000_000,
+        ge=1,
+        description="most bytes of request bodies held at once by each server process: "
+        "each admitted request counts its declared length (max_request_bytes when "
+        "chunked) until it is answered; beyond it: 429 at once",
     )
     max_images: int = Field(64, ge=1, description="most images in one request (413 beyond)")
     max_pixels: int = Field(
@@ -110,19 +126,56 @@ class Settings(BaseSettings):
         "from its header before decoding "
         "(413 beyond)",
     )
+    max_decode_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="most pixels being decoded at once by each server process (width x "
+        "height from each image's header); an image waits for room, within the request "
+        "timeout, and one larger than this gets 413. With the decode threads it bounds "
+        "the memory of decoding (docs/service.md, Memory)",
+    )
     decode_threads: int = Field(
         4, ge=1, description="threads that decode and preprocess images (and encode result PNGs)"
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="most open connections per server process (fewer if the limit on open "
+        "files is lower); a connection beyond it is answered 503 and closed",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that has not sent a complete request head this many "
+        "seconds after it opened, or after its previous response, is closed",
+    )
+    keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        description="an idle connection (nothing received since its last response) is "
+        "closed after this many seconds",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request body not received in full this many seconds after its head: "
+        "408, and the connection is closed",
     )
     drain_timeout_s: float = Field(
         30.0,
         ge=0,
-        description="on SIGTERM/SIGINT, how long to let admitted requests finish before exiting",
+        description="on SIGTERM/SIGINT, how long to let admitted requests finish; then the "
+        "remaining connections are cut and the server exits",
     )
     api_key: SecretStr | None = Field(
         None,
-        description="if set, every endpoint but /health/* "
-        "and /docs needs 'Authorization: Bearer "
-        "KEY'",
+        description="if set, every endpoint but /health/* needs 'Authorization: Bearer "
+        "KEY' (/docs, /redoc and /openapi.json too, unless docs is public)",
+    )
+    docs: Literal["key", "public", "off"] = Field(
+        "key",
+        description="who may read /docs, /redoc and /openapi.json: key (whoever may call "
+        "the API: anyone when no API key is set), public (anyone), off (not served)",
     )
     log_json: bool = Field(False, description="log one JSON object per line")
     log_requests: bool = Field(
@@ -140,17 +193,25 @@ class Settings(BaseSettings):
         return None if value in ("", None) else value
 
     @model_validator(mode="after")
-    def _queue_holds_a_request(self) -> Settings:
+    def _a_request_fits(self) -> Settings:
         if self.max_queue < self.max_images:
             raise ValueError(
                 f"max_queue ({self.max_queue}) must be at least max_images "
                 f"({self.max_images}), or a full-size request could never be "
                 "admitted"
             )
+        if self.max_body_bytes_in_flight < self.max_request_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at "
+                f"least max_request_bytes ({self.max_request_bytes}), or a full-size "
+                "request could never be admitted"
+            )
         return self
 
     def public(self) -> dict:
-        """The settings as JSON-ready values, the API key left out (only whether one is set)."""
+        """The settings as JSON-ready values, the API key left out (only whether one is set),
+        the model directory by its name only (no path of the server's filesystem)."""
         d = self.model_dump(mode="json", exclude={"api_key"})
+        d["model_dir"] = self.model_dir.name
         d["api_key_set"] = self.api_key is not None
         return d

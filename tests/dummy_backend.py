@@ -46,3 +46,35 @@ class DummyBackend:
 
     def describe(self) -> dict:
         return {"runtime": "dummy (tests/dummy_backend.py)", "threads": self.threads}
+
+
+class WorkerKilled(BaseException):
+    """What no `except Exception` catches: stands for a model worker that dies (as SystemExit
+    or KeyboardInterrupt raised in its thread would)."""
+
+
+class FailingBackend:
+    """`inner` (warm-up included), except that every model call raises `error`."""
+
+    def __init__(self, inner, error: type[BaseException]):
+        self.inner, self.error = inner, error
+        self.max_batch_size = inner.max_batch_size
+
+    def embed(self, pixels):
+        raise self.error("the test backend fails")
+
+    reconstruct = embed
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+
+def failing(load, mode: str, model, settings, threads) -> FailingBackend:
+    """A BackendFactory with functools.partial(failing, load, mode) (it pickles, for several
+    server processes): load's backend, each model call after the warm-up raising RuntimeError
+    (mode "raise": a failed batch) or WorkerKilled (mode "kill": a model worker that dies)."""
+    error = {"raise": RuntimeError, "kill": WorkerKilled}[mode]
+    return FailingBackend(load(model, settings, threads), error)

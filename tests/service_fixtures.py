@@ -53,6 +53,7 @@ class ServerProcess:
     """`simmim serve` through tests/service_launcher.py (torch blocked), logging to a file.
 
     env: extra SIMMIM_* settings; dummy: serve tests/dummy_backend.py instead of onnxruntime;
+    fail: "raise" or "kill", every model call after the warm-up raises (dummy_backend.failing);
     gated: every model call waits for open_gate() (the warm-up too, so a gated server starts
     unready); program: another command line that takes the serve options, instead of the
     launcher; args: more serve options; processes: server processes (2: the default on a CPU
@@ -65,6 +66,7 @@ class ServerProcess:
         workdir: Path,
         env: dict[str, str] | None = None,
         dummy: bool = False,
+        fail: str | None = None,
         gated: bool = False,
         api_key: str | None = API_KEY,
         program: list[str] | None = None,
@@ -79,6 +81,8 @@ class ServerProcess:
         cmd = list(program or [sys.executable, str(LAUNCHER)])
         if dummy:
             cmd.append("--dummy")
+        if fail:
+            cmd += ["--fail", fail]
         if gated:
             cmd += ["--gate", str(self.gate_file)]
         # gated: one process, one model call at a time, so that a closed gate holds exactly one

@@ -1,10 +1,13 @@
 """Run `simmim serve` for the tests: torch, torchvision and timm made unimportable (the service
 must not need them), on the real backend or the dummy one, optionally behind a gate.
 
-usage: python tests/service_launcher.py [--dummy] [--gate STATE_FILE] [SERVE OPTIONS...]
+usage: python tests/service_launcher.py [--dummy] [--fail raise|kill] [--gate STATE_FILE]
+           [SERVE OPTIONS...]
 
 --dummy serves tests/dummy_backend.DummyBackend instead of onnxruntime (through service.cli's
-backend argument, in every server process). With --gate, every model call (the warm-up too)
+backend argument, in every server process). --fail makes every model call after the warm-up
+raise: RuntimeError (raise: a failed batch) or a BaseException (kill: a model worker that
+dies). With --gate, every model call (the warm-up too)
 waits while the gate is closed. It starts closed, so the server stays unready. SIGUSR1 opens it,
 SIGUSR2 closes it, and each change is acknowledged by writing "open" or "closed" to STATE_FILE,
 so a test can wait for the acknowledgement instead of sleeping. The gate holds one server
@@ -13,6 +16,7 @@ process (signals reach the parent only).
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import os
 import signal
@@ -78,6 +82,10 @@ def main(argv: list[str]) -> int:
         from dummy_backend import DummyBackend
 
         backend, argv = DummyBackend, argv[1:]
+    if argv[:1] == ["--fail"]:
+        from dummy_backend import failing
+
+        backend, argv = functools.partial(failing, backend, argv[1]), argv[2:]
     if argv[:1] == ["--gate"]:
         backend, argv = install_gate(Path(argv[1]), backend), argv[2:]
     return serve(argv, backend=backend)

@@ -321,3 +321,30 @@ def test_compose_settings_match_the_service():
         set(fields) - {k[len(ENV_PREFIX) :].lower() for k in _compose_defaults()} - {"host", "port"}
     )
     assert not missing, f"settings compose.yaml does not expose: {sorted(missing)}"
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ("45s", "1m30s") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, duration
+    return int(parts.group(1) or 0) * 60 + int(parts.group(2) or 0)
+
+
+def test_compose_gives_the_drain_time_to_finish_before_it_kills():
+    """docker/podman compose stop sends SIGTERM, then SIGKILL after stop_grace_period: the
+    service drains for SIMMIM_DRAIN_TIMEOUT_S, then cuts what is left and exits within about a
+    second; the grace period must cover that with room to spare."""
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    drain_s = float(_compose_defaults()["SIMMIM_DRAIN_TIMEOUT_S"])
+    for name in ("simmim", "simmim-gpu"):
+        assert _seconds(services[name]["stop_grace_period"]) >= drain_s + 5, name
+
+
+def test_compose_limits_the_memory_of_the_cpu_service_as_kubernetes_does():
+    yaml = pytest.importorskip("yaml")
+    limit = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["simmim"]["mem_limit"]
+    value = re.fullmatch(r"\$\{SIMMIM_MEMORY_LIMIT:-(\d+)g\}", limit).group(1)
+    deployment = (REPO / "deploy" / "k8s" / "base" / "deployment.yaml").read_text()
+    k8s = re.search(r"limits:\s*\n\s*cpu: \S+\s*\n\s*memory: (\d+)Gi", deployment).group(1)
+    assert value == k8s

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import math
+import re
 import socket
 import struct
 import zlib
@@ -38,6 +39,7 @@ LIMITS = {
     "SIMMIM_MAX_QUEUE": "64",
     "SIMMIM_MAX_BATCH_SIZE": "8",
     "SIMMIM_MAX_PIXELS": "1000000",
+    "SIMMIM_MAX_DECODE_PIXELS": "500000",
     "SIMMIM_MAX_REQUEST_BYTES": "1500000",
     "SIMMIM_MAX_WAIT_MS": "1",
     "SIMMIM_LOG_JSON": "true",
@@ -88,7 +90,15 @@ def test_health_live_and_ready_answer_200_without_a_key(server):
     "authorization", [None, "Bearer wrong-key", f"Basic {API_KEY}", f"Bearer {API_KEY}x"]
 )
 @pytest.mark.parametrize(
-    "method, path", [("POST", "/embed"), ("GET", "/info"), ("GET", "/metrics")]
+    "method, path",
+    [
+        ("POST", "/embed"),
+        ("GET", "/info"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+        ("GET", "/redoc"),
+    ],
 )
 def test_missing_or_wrong_api_key_gets_401(server, authorization, method, path):
     headers = {"Authorization": authorization} if authorization else {}
@@ -113,6 +123,21 @@ def test_info_shows_the_card_settings_and_runtime_but_not_the_key(server):
     assert info["backend"]["workers"] == 2 and info["backend"]["max_batch_size"] == 8
 
 
+def strings(value) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_info_shows_no_path_of_the_servers_filesystem(server):
+    info = server.http.get("/info").json()
+    assert info["settings"]["model_dir"] == MODEL_DIR.name
+    assert not [s for s in strings(info) if re.search(r"(^|[\s=])/\w", s)]
+
+
 def test_metrics_cover_requests_queue_batches_inference_and_images(server):
     before = server.metric("simmim_images_total", task="embed")
     embed(server, [png_bytes(i) for i in range(3)])
@@ -122,6 +147,7 @@ def test_metrics_cover_requests_queue_batches_inference_and_images(server):
         "simmim_requests_total",
         "simmim_request_duration_seconds_bucket",
         "simmim_queue_depth",
+        "simmim_queue_capacity",
         "simmim_running_items",
         "simmim_queue_wait_seconds_bucket",
         "simmim_batch_size_bucket",
@@ -134,11 +160,14 @@ def test_metrics_cover_requests_queue_batches_inference_and_images(server):
     assert server.metric("simmim_images_total", task="embed") == before + 3
     assert server.metric("simmim_requests_total", endpoint="/embed", status="200") >= 1
     assert server.metric("simmim_ready") == 1
+    # per task, summed over the 2 processes: the denominator of the queue's fill
+    assert server.metric("simmim_queue_capacity", task="embed") == 2 * 64
 
 
 def test_docs_and_openapi_are_served_and_list_every_endpoint(server):
-    assert httpx.get(server.url + "/docs").status_code == 200
-    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert server.http.get("/docs").status_code == 200  # with the key (docs: key)
+    assert server.http.get("/redoc").status_code == 200
+    paths = server.http.get("/openapi.json").json()["paths"]
     for path in (
         "/embed",
         "/similarity",
@@ -153,8 +182,17 @@ def test_docs_and_openapi_are_served_and_list_every_endpoint(server):
     assert {"application/json", "multipart/form-data"} <= set(body)
 
 
+def test_openapi_documents_non_empty_image_lists_and_the_401s(server):
+    paths = server.http.get("/openapi.json").json()["paths"]
+    for path, field in (("/embed", "images"), ("/similarity", "a")):
+        for content in paths[path]["post"]["requestBody"]["content"].values():
+            assert content["schema"]["properties"][field]["minItems"] == 1, (path, field)
+    for path, method in (("/info", "get"), ("/metrics", "get"), ("/embed", "post")):
+        assert "401" in paths[path][method]["responses"], path
+
+
 def test_reconstruct_documents_the_paste_visible_option(server):
-    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    paths = server.http.get("/openapi.json").json()["paths"]
     body = paths["/reconstruct"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     option = body["properties"]["paste_visible"]
     assert option["type"] == "boolean" and option["default"] is True
@@ -170,7 +208,7 @@ def test_the_page_is_served_without_the_key_and_may_load_only_this_servers_files
     )
     assert policy["default-src"] == "'none'"
     assert {policy[k] for k in ("script-src", "style-src", "connect-src")} == {"'self'"}
-    assert "/" not in httpx.get(server.url + "/openapi.json").json()["paths"]
+    assert "/" not in server.http.get("/openapi.json").json()["paths"]
 
 
 @pytest.mark.parametrize(
@@ -522,6 +560,37 @@ BAD_REQUESTS = {  # name: (path, httpx keyword arguments, status, code, index)
         "payload_too_large",
         None,
     ),
+    "over-the-decode-budget": (
+        "/embed",
+        {"json": {"images": [GOOD, b64(encode(Image.new("L", (800, 800))))]}},
+        413,
+        "image_too_large",
+        1,
+    ),
+    "many-unknown-keys": (
+        "/embed",
+        {"json": {f"key{i}": 0 for i in range(100_000)}},
+        422,
+        "invalid_request",
+        None,
+    ),
+    "a-long-unknown-key": (
+        "/embed",
+        {"json": {"images": [GOOD], "k" * 1_000_000: 0}},
+        422,
+        "invalid_request",
+        None,
+    ),
+    "a-million-item-list": (
+        "/embed",
+        {
+            "content": b"[" + b"0," * 700_000 + b"0]",
+            "headers": {"Content-Type": "application/json"},
+        },
+        422,
+        "invalid_request",
+        None,
+    ),
     "text-plain": (
         "/embed",
         {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
@@ -574,7 +643,8 @@ BAD_REQUESTS = {  # name: (path, httpx keyword arguments, status, code, index)
 def test_each_bad_input_gets_its_status_and_code_and_the_server_keeps_serving(server, ref, case):
     path, kwargs, status, code, index = BAD_REQUESTS[case]
     r = server.http.post(path, **kwargs)
-    assert r.status_code == status, r.text
+    assert r.status_code == status, r.text[:2000]
+    assert len(r.content) <= 2048  # nothing sent comes back at length
     error = r.json()["error"]
     assert error["code"] == code and error["message"]
     assert error.get("index") == index

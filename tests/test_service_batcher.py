@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.batcher import Batcher
-from service.errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown
+from service.errors import InferenceFailed, QueueFull, RequestTimeout, ShuttingDown, WorkerFailed
 from service.metrics import Metrics
 
 
@@ -17,7 +17,7 @@ class FakeModel:
     """Doubles each input; records every batch and the thread it ran on; can be held by a gate
     and can fail on a chosen input."""
 
-    def __init__(self, fail_on=None):
+    def __init__(self, fail_on=None, kill_on=None):
         self.batches: list[list] = []
         self.inside = self.most_inside = 0  # calls running now, and at most
         self.lock = threading.Lock()
@@ -25,7 +25,7 @@ class FakeModel:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
-        self.fail_on = fail_on
+        self.fail_on, self.kill_on = fail_on, kill_on
 
     def __call__(self, inputs: list) -> list:
         with self.lock:
@@ -39,19 +39,25 @@ class FakeModel:
         self.batches.append(list(inputs))
         if self.fail_on in inputs:
             raise ValueError("bad input")
+        if self.kill_on in inputs:
+            raise KeyboardInterrupt  # what no `except Exception` catches: the worker is gone
         return [2 * x for x in inputs]
 
 
 def run(test, model: FakeModel, pool_threads: int = 1, **options):
-    """Run `test(batcher, metrics)` in a fresh event loop with a started batcher."""
+    """Run `test(batcher, metrics)` in a fresh event loop with a started batcher; its deaths
+    are recorded in batcher.deaths (the on_fatal calls)."""
 
     async def main():
         metrics = Metrics()
+        deaths: list[str] = []
         settings = dict(max_batch_size=4, max_wait_s=0.05, max_queue=16) | options
+        settings.setdefault("on_fatal", deaths.append)
         with ThreadPoolExecutor(pool_threads) as pool:
             batcher = Batcher(
                 "embed", model, executor=pool, metrics=metrics.task("embed"), **settings
             )
+            batcher.deaths = deaths
             batcher.start()
             try:
                 return await test(batcher, metrics)
@@ -288,3 +294,54 @@ def test_metrics_record_batch_sizes_queue_waits_and_inference_time():
     assert sample(metrics, "simmim_inference_seconds_count", task="embed") == 1
     assert sample(metrics, "simmim_images_total", task="embed") == 3
     assert sample(metrics, "simmim_queue_depth", task="embed") == 0
+
+
+def test_a_model_call_that_kills_its_worker_fails_every_pending_request_at_once():
+    model = FakeModel(kill_on="fatal")
+    model.gate.clear()
+
+    async def test(batcher, metrics):
+        running = asyncio.ensure_future(batcher.submit(["fatal"], 60))
+        await wait_for_entry(model)
+        queued = [asyncio.ensure_future(batcher.submit([x], 60)) for x in ("a", "b")]
+        await asyncio.sleep(0)
+        model.gate.set()
+        for request in (running, *queued):  # at once: not after the 60 s timeout
+            with pytest.raises(WorkerFailed, match="KeyboardInterrupt"):
+                await asyncio.wait_for(request, 10)
+        with pytest.raises(WorkerFailed):  # and every later request
+            await batcher.submit(["c"], 60)
+        return batcher.deaths, batcher.pending
+
+    deaths, pending = run(test, model, max_batch_size=1)
+    assert deaths == ["the embed batcher died (a model call raised KeyboardInterrupt)"]
+    assert pending == 0
+
+
+def test_a_batcher_loop_that_dies_fails_every_pending_request_and_says_so_once():
+    model = FakeModel()
+
+    def coming() -> int:  # asked by the loop while it forms a batch
+        raise RuntimeError("a bug inside the loop")
+
+    async def test(batcher, metrics):
+        requests = [asyncio.ensure_future(batcher.submit([x], 60)) for x in (1, 2, 3)]
+        for request in requests:
+            with pytest.raises(WorkerFailed, match="its loop raised"):
+                await asyncio.wait_for(request, 10)
+        return batcher.deaths
+
+    deaths = run(test, model, coming=coming, max_batch_size=4)
+    assert len(deaths) == 1 and "loop raised" in deaths[0]
+
+
+def test_the_expected_wait_counts_the_items_and_follows_the_measured_model_time():
+    model = FakeModel()
+
+    async def test(batcher, metrics):
+        assert batcher.expected_wait_s(10) == pytest.approx(10 * 100 / 2)  # the start-up figure
+        await batcher.submit([1, 2, 3, 4], 10)  # a measured batch replaces it
+        return batcher.expected_wait_s(10), batcher.expected_wait_s(20)
+
+    ten, twenty = run(test, model, workers=2, pool_threads=2, item_s=100.0)
+    assert 0 < ten < 10 * 100 / 2 and twenty == pytest.approx(2 * ten)

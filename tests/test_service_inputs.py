@@ -1,18 +1,22 @@
 """Request images -> model input: small images are decoded on the event loop, the rest on the
-pool, with the same result and the same limits; errors name the image."""
+pool, with the same result and the same limits; errors name the image; the pixels decoded at
+once stay within the process's budget."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from service_fixtures import png_bytes
 
-from service.errors import ImageTooLarge, InvalidImage
-from service.inputs import INLINE_BYTES, INLINE_PIXELS, decode_images
+from service import inputs
+from service.errors import ImageTooLarge, InvalidImage, RequestTimeout
+from service.inputs import INLINE_BYTES, INLINE_PIXELS, DecodeBudget, decode_images
 from simmim_core.preprocess import Preprocessing, preprocess
 
 SPEC = Preprocessing("RGB", 32, 32, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -21,8 +25,8 @@ SPEC = Preprocessing("RGB", 32, 32, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.
 class CountingPool(ThreadPoolExecutor):
     """A thread pool that records the images handed to it."""
 
-    def __init__(self):
-        super().__init__(2)
+    def __init__(self, threads: int = 2):
+        super().__init__(threads)
         self.sources: list = []
 
     @property
@@ -30,12 +34,23 @@ class CountingPool(ThreadPoolExecutor):
         return len(self.sources)
 
     def submit(self, fn, source, /, *args, **kwargs):
-        self.sources.append(source)
+        if (
+            getattr(fn, "__name__", "") == "open_source"
+        ):  # each pooled image: header first, then the decode
+            self.sources.append(source)
         return super().submit(fn, source, *args, **kwargs)
 
 
-def load(sources: list, pool: CountingPool, max_pixels: int = 10**8) -> list[np.ndarray]:
-    return asyncio.run(decode_images(sources, "images", SPEC, max_pixels, pool))
+def load(
+    sources: list, pool: CountingPool, max_pixels: int = 10**8, budget: int = 10**8
+) -> list[np.ndarray]:
+    async def main():
+        deadline = asyncio.get_running_loop().time() + 60
+        return await decode_images(
+            sources, "images", SPEC, max_pixels, pool, DecodeBudget(budget), deadline
+        )
+
+    return asyncio.run(main())
 
 
 def test_small_images_are_decoded_on_the_event_loop_without_the_pool():
@@ -79,3 +94,63 @@ def test_the_first_bad_image_by_index_is_reported_whether_inline_or_pooled():
     assert e.value.index == 1
     with CountingPool() as pool, pytest.raises(InvalidImage, match=r"images\[0\]"):
         load([b"not an image", big_corrupt], pool)
+
+
+class Concurrency:
+    """Wraps preprocess_image: records how many pixels are being decoded at once, at most."""
+
+    def __init__(self, inner):
+        self.inner, self.lock = inner, threading.Lock()
+        self.now = self.most = 0
+
+    def __call__(self, img, *args):
+        pixels = img.width * img.height
+        with self.lock:
+            self.now += pixels
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.01)  # long enough for the others to start, if they were allowed to
+            return self.inner(img, *args)
+        finally:
+            with self.lock:
+                self.now -= pixels
+
+
+def test_the_pixels_decoded_at_once_stay_within_the_budget(monkeypatch):
+    images = [png_bytes(i, (200, 150)) for i in range(6)]  # 30,000 pixels each, all pooled
+    watch = Concurrency(inputs.preprocess_image)
+    monkeypatch.setattr(inputs, "preprocess_image", watch)
+    with CountingPool(threads=4) as pool:
+        out = load(images, pool, budget=2 * 30_000)
+    assert watch.most <= 2 * 30_000  # two at a time at most, though the pool has room for 4
+    np.testing.assert_array_equal(np.stack(out), preprocess(images, SPEC))
+
+
+def test_an_image_larger_than_the_whole_budget_gets_413_naming_it():
+    images = [png_bytes(0), png_bytes(1, (300, 200))]
+    with CountingPool() as pool, pytest.raises(ImageTooLarge, match=r"images\[1\]: .*60000"):
+        load(images, pool, budget=50_000)
+
+
+def test_an_image_still_waiting_for_the_budget_at_the_deadline_gets_504():
+    async def main():
+        budget = DecodeBudget(100_000)
+        await budget.take(100_000)  # all of it held, by another request's decode
+        with CountingPool() as pool:
+            deadline = asyncio.get_running_loop().time() + 0.05
+            await decode_images(
+                [png_bytes(0, (200, 150))], "images", SPEC, 10**8, pool, budget, deadline
+            )
+
+    with pytest.raises(RequestTimeout):
+        asyncio.run(main())
+
+
+def test_an_exception_other_than_a_decode_error_is_a_bug_and_propagates(monkeypatch):
+    def broken(*args):
+        raise ZeroDivisionError("a bug in preprocessing")
+
+    monkeypatch.setattr(inputs, "preprocess_image", broken)
+    for image in (png_bytes(0), png_bytes(1, (300, 200))):  # decoded inline, and pooled
+        with CountingPool() as pool, pytest.raises(ZeroDivisionError):
+            load([image], pool)

@@ -26,11 +26,9 @@ import argparse
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,62 +40,8 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 
 from benchmarks.images import synthetic_jpegs, tiny_images, write_bodies  # noqa: E402
-
-MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree(pid: int) -> list[int]:
-    """pid and all its descendants (from /proc/PID/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            try:
-                todo += [int(c) for c in task.read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
-def rss_pss_bytes(pids: list[int]) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) of these processes, from /proc/PID/smaps_rollup (kB there)."""
-    rss = pss = 0
-    for p in pids:
-        try:
-            text = Path(f"/proc/{p}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            key, _, rest = line.partition(":")
-            if key == "Rss":
-                rss += int(rest.split()[0]) * 1024
-            elif key == "Pss":
-                pss += int(rest.split()[0]) * 1024
-    return rss, pss
-
-
-class Sampler(threading.Thread):
-    """Samples the process tree every `interval` s; keeps the peaks (bytes) per phase."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.phase = "start-up"
-        self.peaks: dict[str, dict[str, int]] = {}
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.interval):
-            rss, pss = rss_pss_bytes(tree(self.pid))
-            peak = self.peaks.setdefault(self.phase, {"rss": 0, "pss": 0})
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+from benchmarks.procmem import MIB, Sampler  # noqa: E402
+from benchmarks.servers import free_port  # noqa: E402
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
