@@ -257,6 +257,7 @@ class Engine:
                 "retry later",
                 headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
             )
+        body_bytes = min(body_bytes, s.max_request_bytes)  # a larger body gets 413 (BodyLimit)
         if self._body_bytes + body_bytes > s.max_body_bytes_in_flight:
             return QueueFull(
                 f"request bodies in flight fill this server process ({self._body_bytes} of "
@@ -271,7 +272,7 @@ class Engine:
         drain and admission)."""
         if (error := self.refusal(queue, body_bytes)) is not None:
             raise error
-        return Admission(self, queue, body_bytes)
+        return Admission(self, queue, min(body_bytes, self.settings.max_request_bytes))
 
     async def decode_images(self, sources: list, field: str) -> list[np.ndarray]:
         """Request images -> float32 [C, H, W] each, decoded on the decode pool within the

@@ -32,7 +32,7 @@ COLOR_MODES = {"L": 1, "RGB": 3}
 # The formats the project reads (docs/service.md); every other Pillow decoder is left out: each
 # is attack surface, and none is documented. A JPEG with several pictures (MPO) opens as JPEG.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
-_FORMAT_NAMES = ", ".join(FORMATS)
+_FORMAT_NAMES = ", ".join(FORMATS[:-1]) + " and " + FORMATS[-1]
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # Pixel modes those formats decode to, and to_color_mode converts
@@ -117,7 +117,7 @@ def read_header(
             raise
         except Exception as e:  # any failure to parse the header is the file's
             raise ImageDecodeError(
-                f"not a decodable {_FORMAT_NAMES} image ({type(e).__name__})"
+                f"not a decodable image ({type(e).__name__}); {_FORMAT_NAMES} are read"
             ) from None
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
