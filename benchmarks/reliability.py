@@ -244,11 +244,11 @@ def memory(work: Path) -> dict:
 
 
 def held_bodies(port: int, connections: int, size: int) -> dict:
-    """`connections` clients each send a `size`-byte body but its last byte; the answers that
-    come before the body is complete, then the connections are closed."""
+    """`connections` clients each declare a `size`-byte body and send all of it but its last
+    byte, unless the server answers first; what each got before its body was complete."""
     head = post("/embed", b"").replace(b"Content-Length: 0", f"Content-Length: {size}".encode())
-    socks, statuses = [], {}
     payload = b'{"images": ["' + b"A" * (size - 16) + b'"]'  # one byte short of `size`
+    socks = []
     for _ in range(connections):
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
         sock.sendall(head)
@@ -256,13 +256,22 @@ def held_bodies(port: int, connections: int, size: int) -> dict:
 
     def send(sock: socket.socket) -> str:
         try:
+            sock.settimeout(1)
+            try:
+                return "refused at once: " + sock.recv(64).split(b" ")[1].decode()
+            except TimeoutError:
+                pass  # admitted: the server waits for the body
             sock.settimeout(5)
             sock.sendall(payload)
-            return sock.recv(64).split(b" ")[1].decode() or "none"
-        except (OSError, IndexError) as e:
-            return type(e).__name__  # no answer while the body is incomplete
+            answer = sock.recv(64)
+            return f"answered {answer.split(b' ')[1].decode()}" if answer else "closed"
+        except TimeoutError:
+            return "admitted, waiting for the last byte"
+        except OSError as e:
+            return type(e).__name__
 
     with ThreadPoolExecutor(connections) as pool:
+        statuses: dict[str, int] = {}
         for status in pool.map(send, socks):
             statuses[status] = statuses.get(status, 0) + 1
     for sock in socks:

@@ -16,8 +16,9 @@ Overload is refused here too (Screen): an inference request that the engine woul
 (Engine.refusal: not ready, draining, queue full, bodies in flight) gets its 429 or 503 as soon
 as its head has arrived, with no ASGI task, routing or middleware (about a tenth of the app's
 cost), and the connection stays open, its body discarded. It is counted in
-simmim_requests_total and the sampled access log like the app's own answers, but carries no
-request id, and it comes before the API key is checked.
+simmim_requests_total and the sampled access log like the app's own answers (in OpenAI's error
+shape under /v1/), but carries no request id or trace span, and it comes before the API key is
+checked.
 """
 
 from __future__ import annotations

@@ -93,6 +93,16 @@ def test_a_full_queue_answers_429_before_reading_the_body(held):
     assert int(headers["retry-after"]) >= 1
 
 
+def test_an_early_refusal_under_v1_takes_openais_error_shape(held):
+    server, _ = held
+    with connect(server) as sock:
+        sock.sendall(head(path="/v1/embeddings", length=1_000_000))
+        status, _, body = read_response(sock)
+    error = json.loads(body)["error"]
+    assert status == 429 and error["type"] == "rate_limit_error"
+    assert error["code"] == "queue_full" and error["message"]
+
+
 def test_429s_are_logged_once_per_interval_with_their_count(held):
     server, _ = held
     before = server.metric("simmim_requests_total", endpoint="/embed", status="429")
