@@ -9,8 +9,9 @@ PNGs, overlapping inference; the pixels being decoded at once are bounded (Decod
 
 Admission happens before a request's body is read, in O(1): 503 unless ready; 429 unless its
 queue has room, counting the requests admitted before it whose images are not queued yet, both
-in images (max_queue) and in time (max_queue_wait_s, from the recent model calls), and unless
-its body fits in the body bytes allowed in flight.
+in images (max_queue) and in time (max_queue_wait_s, from the rate at which the process has
+been getting through its queue), and unless its body fits in the body bytes allowed in flight.
+The connections apply the same rule as soon as a request's head arrives (connections.Screen).
 """
 
 from __future__ import annotations
@@ -239,9 +240,9 @@ class Engine:
         """Why a request for `queue` declaring body_bytes must be refused now, before its body
         is read (O(1)), or None: NotReady or ShuttingDown (503); QueueFull (429) when the
         queue's images, with the requests admitted before it and not yet queued, reach
-        max_queue, or while there are some and the queue wait (estimated from the model time
-        per item, or observed in the recent batches if longer: the event loop may be the
-        bottleneck) is over max_queue_wait_s, or when its body does not fit in
+        max_queue, or while there are some and their wait (Batcher.expected_wait_s, or the
+        waits observed in the recent batches if longer) is over max_queue_wait_s, or when its
+        body (at most max_request_bytes: a larger one gets 413) does not fit in
         max_body_bytes_in_flight."""
         try:
             self.check_ready()
