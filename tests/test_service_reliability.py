@@ -17,9 +17,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from dummy_backend import DummyBackend
 from service_fixtures import LAUNCHER, ServerProcess, png_bytes, wait_until
 
-from service.settings import default_model_path
+from service.app import create_app
+from service.settings import Settings, default_model_path
 
 MODEL_DIR = default_model_path()
 IMAGE = base64.b64encode(png_bytes(0)).decode()
@@ -279,3 +281,17 @@ def test_a_model_worker_that_dies_fails_every_pending_request_at_once_and_exits_
         assert {r.json()["error"]["code"] for r in answers} == {"worker_failed"}
         assert server.proc.wait(60) == 1
         assert "the embed batcher died (a model call raised WorkerKilled)" in server.log()
+
+
+# --- the API's own documentation ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "docs, served, guarded", [("key", True, True), ("public", True, False), ("off", False, False)]
+)
+def test_the_docs_setting_decides_who_may_read_the_openapi_schema(docs, served, guarded):
+    """With an API key set (the HTTP side of "key" is in test_service_api.py)."""
+    app = create_app(Settings(api_key="k", docs=docs), backend=DummyBackend)
+    routes = {route.path: route for route in app.routes}
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert (path in routes) is served, path
+        if served:
+            assert bool(routes[path].dependencies) is guarded, path
