@@ -252,7 +252,8 @@ def test_compose_up_serves_the_embedded_model(compose_project, cpu_image):
     local_card = json.loads((MODEL_DIR / "model.json").read_text())
     assert info["model"]["files"] == local_card["files"], "the image holds another model"
     settings = info["settings"]
-    assert settings["model_dir"] == "/models/default" and settings["provider"] == "cpu"
+    # /info names the model directory without its path: /models/default
+    assert settings["model_dir"] == "default" and settings["provider"] == "cpu"
 
     # a real image over HTTP == the same model run here (raw and L2-normalised)
     images = [png_bytes(0, (96, 72)), png_bytes(1, (40, 64))]
