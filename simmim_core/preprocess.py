@@ -27,6 +27,8 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 COLOR_MODES = {"L": 1, "RGB": 3}
+# Files taken as images where a folder is searched (training data, bulk embedding).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 
 class ImageDecodeError(ValueError):
