@@ -7,7 +7,9 @@ usage: python -m benchmarks.retrieval --out benchmarks/results/retrieval [--limi
    `simmim embed` then does what it does for any collection, reading and decoding files.
 2. Engine alone: onnxruntime (service.backend, as each actor runs it) on the same images already
    preprocessed in memory, with the same layout (one call per CPU, one thread each) and batch
-   size; timed just before and just after the bulk job, their mean taken.
+   size; timed just before and just after the bulk job, their mean taken. Both are also
+   measured in CPU time per image (this process; for the job also every Ray process, from
+   /proc), which other tenants of a shared machine disturb far less than wall-clock rates.
 3. Bulk embedding: retrieval.embed.embed (what `simmim embed` runs) on the training folder, on a
    local Ray started beforehand (its start-up is reported apart), writing vectors.parquet.
    Target: img/s >= 0.8x the engine's.
@@ -26,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -50,7 +53,7 @@ from simmim_core.preprocess import preprocess_image
 from training.data import open_dataset
 
 from .retrieval_report import write_markdown
-from .run import LoadMonitor, machine_info
+from .run import LoadMonitor, cpu_seconds, machine_info
 from .servers import simmim_serve
 
 BATCH = 64  # simmim embed's default --batch-size
@@ -77,8 +80,63 @@ def write_pngs(split: str, limit: int | None, folder: Path) -> tuple[list[str], 
     return paths, np.asarray(data.labels[:n])
 
 
-def engine_img_s(backend: OnnxBackend, pixels: np.ndarray, calls: int) -> float:
-    """img/s of `calls` threads at once, each embedding its share of `pixels` in batches."""
+def own_cpu_s() -> float:
+    """CPU seconds of this process so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class RayCPU:
+    """CPU seconds used by Ray's processes (raylet, GCS, workers and actors: every process whose
+    command line names ray) while the `with` block runs, sampled from /proc every 0.2 s: an
+    actor's last 0.2 s before it exits may be missed."""
+
+    def __init__(self):
+        self._is_ray: dict[int, bool] = {}
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, baseline: bool = False) -> None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            pid = int(proc.name)
+            try:
+                if pid not in self._is_ray:  # read a command line once per process
+                    self._is_ray[pid] = (
+                        pid != os.getpid() and b"ray" in (proc / "cmdline").read_bytes()
+                    )
+                if self._is_ray[pid]:
+                    seconds = cpu_seconds(pid)
+                    self._first.setdefault(pid, seconds if baseline else 0.0)  # born later: 0
+                    self._last[pid] = seconds
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def __enter__(self) -> RayCPU:
+        self._sample(baseline=True)  # processes alive now count from here
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._last[pid] - self._first[pid] for pid in self._last)
+
+
+def engine_speed(backend: OnnxBackend, pixels: np.ndarray, calls: int) -> tuple[float, float]:
+    """(img/s, CPU ms per image) of `calls` threads at once, each embedding its share of
+    `pixels` in batches."""
     batches = [pixels[i : i + BATCH] for i in range(0, len(pixels), BATCH)]
 
     def work(share: list[np.ndarray]) -> None:
@@ -86,12 +144,13 @@ def engine_img_s(backend: OnnxBackend, pixels: np.ndarray, calls: int) -> float:
             backend.embed(batch)
 
     threads = [threading.Thread(target=work, args=(batches[t::calls],)) for t in range(calls)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), own_cpu_s()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return len(pixels) / (time.perf_counter() - start)
+    seconds, cpu = time.perf_counter() - start, own_cpu_s() - cpu
+    return len(pixels) / seconds, 1e3 * cpu / len(pixels)
 
 
 def exact_neighbours(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -143,16 +202,17 @@ def run(args: argparse.Namespace) -> dict:
             backend = OnnxBackend(model, "cpu", threads=1, max_batch_size=BATCH)
             backend.embed(pixels[:BATCH])  # first call allocates
             progress(f"engine alone: {cpus} calls at once, 1 thread each, batch {BATCH}")
-            engine_before = engine_img_s(backend, pixels, cpus)
+            engine_before, engine_cpu_before = engine_speed(backend, pixels, cpus)
             progress(f"simmim embed on {len(train)} files ({engine_before:.0f} img/s engine)")
             out = work / "vectors.parquet"
-            start = time.perf_counter()
-            written = embed(
-                str(work / "train"), str(out), str(model.path), batch_size=BATCH, progress=False
-            )
-            embed_s = time.perf_counter() - start
+            start, cpu = time.perf_counter(), own_cpu_s()
+            with RayCPU() as ray_cpu:
+                written = embed(
+                    str(work / "train"), str(out), str(model.path), batch_size=BATCH, progress=False
+                )
+            embed_s, driver_cpu = time.perf_counter() - start, own_cpu_s() - cpu
             progress("engine alone, again")
-            engine_after = engine_img_s(backend, pixels, cpus)
+            engine_after, engine_cpu_after = engine_speed(backend, pixels, cpus)
         finally:
             ray.shutdown()
         table = pq.read_table(out)
@@ -160,6 +220,8 @@ def run(args: argparse.Namespace) -> dict:
         bank = embeddings(table, stamp.dim)[[order[p] for p in train]]  # in train order
         sample = np.random.default_rng(0).choice(len(train), min(1000, len(train)), replace=False)
         engine_mean = (engine_before + engine_after) / 2
+        engine_cpu = (engine_cpu_before + engine_cpu_after) / 2
+        embed_cpu = 1e3 * (driver_cpu + ray_cpu.seconds) / len(train)
         result["embed"] = {
             "images": len(train),
             "failed": written.failed,
@@ -169,6 +231,8 @@ def run(args: argparse.Namespace) -> dict:
             "actors": cpus,
             "batch_size": BATCH,
             "parquet_mb": out.stat().st_size / 2**20,
+            "cpu_ms_per_image": embed_cpu,
+            "cpu_ms_per_image_driver": 1e3 * driver_cpu / len(train),
             "max_abs_diff_vs_engine": float(
                 np.abs(bank[sample] - backend.embed(pixels[sample])).max()
             ),
@@ -177,6 +241,9 @@ def run(args: argparse.Namespace) -> dict:
             "img_s_before": engine_before,
             "img_s_after": engine_after,
             "img_s": engine_mean,
+            "cpu_ms_per_image_before": engine_cpu_before,
+            "cpu_ms_per_image_after": engine_cpu_after,
+            "cpu_ms_per_image": engine_cpu,
             "calls_at_once": cpus,
             "threads_per_call": 1,
             "batch_size": BATCH,
@@ -226,6 +293,7 @@ def run(args: argparse.Namespace) -> dict:
         "exact_precision_at_10": float(np.mean(train_labels[exact] == test_labels[:, None])),
     }
     ratio = result["embed"]["img_s"] / engine_mean
+    result["cpu_ratio"] = engine_cpu / embed_cpu
     result["targets"] = [
         {
             "name": "bulk embedding img/s / engine alone img/s",

@@ -12,7 +12,8 @@ def headline(r: dict) -> str:
     e, g, i, q = r["embed"], r["engine"], r["index"], r["queries"]
     return (
         f"`simmim embed` wrote {e['images']:,} vectors at {e['img_s']:,.0f} img/s against "
-        f"{g['img_s']:,.0f} img/s for the engine alone ({e['img_s'] / g['img_s']:.2f}x); "
+        f"{g['img_s']:,.0f} img/s for the engine alone ({e['img_s'] / g['img_s']:.2f}x; by CPU "
+        f"time per image {r['cpu_ratio']:.2f}x); "
         f"`simmim index` loaded them into Milvus Lite in {i['seconds']:.0f} s; "
         f"{q['queries']:,} queries through `simmim serve` and Milvus ran at {q['qps']:,.0f} "
         f"queries/s with recall@10 {q['recall_at_10']:.3f} against exact search and class "
@@ -58,6 +59,12 @@ def markdown(r: dict) -> str:
         f"| `simmim embed` ({e['actors']} actors, batch {e['batch_size']}: read, decode, "
         f"preprocess, embed, write Parquet) | {_f(e['img_s'])} | {_f(e['seconds'])} |",
         f"| engine alone after the job | {_f(g['img_s_after'])} | |",
+        "",
+        f"CPU time per image, steadier than wall-clock rates on a shared machine: engine alone "
+        f"{g['cpu_ms_per_image']:.2f} ms (before {g['cpu_ms_per_image_before']:.2f}, after "
+        f"{g['cpu_ms_per_image_after']:.2f}), `simmim embed` {e['cpu_ms_per_image']:.2f} ms "
+        f"(the driver {e['cpu_ms_per_image_driver']:.2f} ms of it, the Ray processes the rest): "
+        f"ratio {r['cpu_ratio']:.2f}, the img/s ratio to expect where both keep every core busy.",
         "",
         f"Ray start-up (before the job, not counted): {e['ray_init_s']:.1f} s. Parquet file: "
         f"{e['parquet_mb']:,.0f} MB, {e['failed']} failed rows. Largest difference between a "

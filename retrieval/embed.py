@@ -28,6 +28,8 @@ from .output import ResumableOutput, Written
 from .sources import image_paths
 from .vectors import ModelStamp, rows
 
+BATCHES_PER_BLOCK = 16
+
 
 class EmbedActor:
     """One Ray actor: a model session; a batch of paths in, rows (path, embedding, error) out."""
@@ -109,8 +111,10 @@ def embed(
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # ...and its INFO goes to files
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "disabled"
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        blocks = math.ceil(len(output.todo) / batch_size)
-        actors = min(actors or max(1, int(cpus)), blocks)
+        actors = min(actors or max(1, int(cpus)), math.ceil(len(output.todo) / batch_size))
+        # a Ray task per block costs the driver and the actor milliseconds of bookkeeping, so a
+        # block holds up to BATCHES_PER_BLOCK batches, while there are 4 blocks per actor or more
+        blocks = max(4 * actors, math.ceil(len(output.todo) / (BATCHES_PER_BLOCK * batch_size)))
         # all CPUs go to the actors (no other task runs: the paths come from the driver), and
         # each actor runs onnxruntime on its share of them
         per_actor = cpus / actors

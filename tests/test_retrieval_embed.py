@@ -4,6 +4,7 @@ what SOURCE may be."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from retrieval_fixtures import BROKEN, make_library, read_rows, simmim, write_vectors
 from service_fixtures import Reference
 
@@ -20,8 +22,6 @@ from retrieval.errors import UsageError
 from retrieval.sources import image_paths
 from service.settings import default_model_path
 from simmim_core.model_dir import ENCODER, ENCODER_INT8, load_model_dir
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,16 @@ def test_a_parquet_list_names_paths_in_its_path_column(library, tmp_path):
     paths = image_paths(library)[:3]
     pq.write_table(pa.table({"path": paths, "label": [0, 1, 2]}), listing)
     assert image_paths(listing) == paths
+
+
+@pytest.mark.parametrize("command", ["embed", "index", "search"])
+def test_every_option_says_what_it_does_and_its_default(capsys, command):
+    module = importlib.import_module(simmim_cli.COMMANDS[command][0])
+    for action in module.build_parser()._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert "default" in action.help, f"simmim {command} {action.option_strings}"
+    assert simmim_cli.main([]) == 0
+    assert f"  {command} " in capsys.readouterr().out
 
 
 def test_the_default_model_is_the_one_the_service_serves():
