@@ -22,6 +22,10 @@ from .vectors import ModelStamp
 SERVER_SCHEMES = ("http://", "https://", "tcp://")
 MAX_PATH = 65_535  # Milvus's longest VARCHAR
 CONNECT_TIMEOUT_S = 10.0
+# pymilvus pings every 10 s, idle or not; gRPC servers with default settings (Milvus Lite's)
+# answer pings more often than every 5 minutes without data with GOAWAY "too_many_pings", and the
+# connection is lost for good. So: no pings while idle, and at most one per 5.5 minutes.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_permit_without_calls": False}
 
 
 def connect(uri: str) -> MilvusClient:
@@ -41,7 +45,10 @@ def connect(uri: str) -> MilvusClient:
         )
     try:
         return MilvusClient(
-            uri=uri, token=os.environ.get("MILVUS_TOKEN", ""), timeout=CONNECT_TIMEOUT_S
+            uri=uri,
+            token=os.environ.get("MILVUS_TOKEN", ""),
+            timeout=CONNECT_TIMEOUT_S,
+            grpc_options=GRPC_OPTIONS,
         )
     except MilvusException as e:
         raise UsageError(

@@ -4,6 +4,7 @@ embedded here or by a real `simmim serve` on loopback, and the refusal of anothe
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from retrieval_fixtures import BROKEN, make_library, read_rows, simmim, write_ve
 from service_fixtures import ServerProcess
 
 import simmim_cli
+from retrieval.index import index
+from retrieval.milvus import connect
 from retrieval.sources import image_paths
 from simmim_core.model_dir import ENCODER, ENCODER_INT8, load_model_dir
 
@@ -117,6 +120,19 @@ def test_replace_rebuilds_the_collection_for_the_new_vectors(
     assert status == 0 and "; 10 in the collection" in out
     properties = MilvusClient(uri).describe_collection("c")["properties"]
     assert properties["simmim.encoder_file"] == ENCODER_INT8
+
+
+@pytest.mark.slow
+def test_milvus_lite_still_answers_after_a_minute_without_requests(vectors, tmp_path):
+    # pymilvus's default keepalive pings an idle connection every 10 s, which gRPC servers with
+    # default settings (Milvus Lite's) answer with GOAWAY too_many_pings after about 30 s; the
+    # next client in the process then failed to connect
+    uri = str(tmp_path / "v.db")
+    index(str(vectors), uri, "c")
+    time.sleep(60)
+    client = connect(uri)
+    assert client.get_collection_stats("c")["row_count"] == 10
+    client.close()
 
 
 # --- search -----------------------------------------------------------------------------------
