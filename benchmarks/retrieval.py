@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     with LoadMonitor() as load:
         progress("Ray start-up")
         start = time.perf_counter()
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
         ray_init_s = time.perf_counter() - start
         cpus = int(ray.cluster_resources()["CPU"])
         try:

@@ -63,7 +63,8 @@ def check_reachable(address: str) -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
     """Ray for this job: the one already initialised in this process, else a connection to
-    `address` (None: a new local instance), shut down at the end."""
+    `address` (None: a new local instance, even where `ray start` runs one), shut down at the
+    end."""
     import ray
 
     if address is not None:
@@ -72,8 +73,13 @@ def ray_session(address: str | None) -> Iterator[None]:
         yield
         return
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address=address or "local", include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError) as e:
+        if "InvalidAuthToken" in f"{e} {e.__cause__}":
+            raise UsageError(
+                f"--ray-address {address}: the cluster wants its token; set RAY_AUTH_MODE=token "
+                "and give the token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+            ) from None
         raise UsageError(
             f"--ray-address {address}: cannot connect to a Ray cluster there ({e}); start one "
             "with `ray start --head`, or leave out --ray-address to run on this machine"

@@ -27,7 +27,7 @@ from simmim_core.model_dir import ENCODER, ENCODER_INT8, load_model_dir
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for this module's jobs (`simmim embed` uses it), then shut down."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
