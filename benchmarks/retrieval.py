@@ -43,12 +43,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from retrieval.embed import embed
-from retrieval.encoder import default_model_dir, open_model_dir
+from retrieval.encoder import open_model_dir
 from retrieval.index import index
 from retrieval.milvus import connect, search
 from retrieval.search import embed_on_server
 from retrieval.vectors import ModelStamp, embeddings, read_stamp
 from service.backend import OnnxBackend
+from service.settings import default_model_path
 from simmim_core.preprocess import preprocess_image
 from training.data import open_dataset
 
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         default=None,
-        help=f"model directory (default: the embedded model, {default_model_dir()})",
+        help=f"model directory (default: the embedded model, {default_model_path()})",
     )
     p.add_argument(
         "--limit",

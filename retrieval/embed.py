@@ -22,7 +22,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from .encoder import ImageEncoder, default_model_dir, open_model_dir
+from service.settings import default_model_path
+
+from .encoder import ImageEncoder, open_model_dir
 from .errors import UsageError
 from .output import ResumableOutput, Written
 from .sources import image_paths
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         default=None,
-        help=f"model directory to embed with (default: the embedded model, {default_model_dir()})",
+        help=f"model directory to embed with (default: the embedded model, {default_model_path()})",
     )
     p.add_argument(
         "--int8",

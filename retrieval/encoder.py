@@ -4,13 +4,13 @@ gives the vector that the service's /embed gives for its bytes (normalize=false)
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 from pathlib import Path
 
 import numpy as np
 
 from service.backend import OnnxBackend
+from service.settings import default_model_path
 from simmim_core.model_dir import ModelDir, ModelDirError, load_model_dir
 from simmim_core.preprocess import ImageDecodeError, preprocess_image
 
@@ -18,16 +18,10 @@ from .errors import UsageError
 from .vectors import ModelStamp
 
 
-def default_model_dir() -> Path:
-    """The model embedded in the package, the one `simmim serve` serves by default (found
-    without importing service.settings, which needs pydantic-settings)."""
-    return Path(str(importlib.resources.files("service").joinpath("default_model")))
-
-
 def open_model_dir(path: os.PathLike | str | None) -> ModelDir:
     """load_model_dir (sha256 of every file checked), its errors as UsageError."""
     try:
-        return load_model_dir(default_model_dir() if path is None else path)
+        return load_model_dir(default_model_path() if path is None else path)
     except ModelDirError as e:
         raise UsageError(f"--model-dir: {e}") from None
 

@@ -17,10 +17,8 @@ from retrieval_fixtures import BROKEN, make_library, read_rows, simmim, write_ve
 from service_fixtures import Reference
 
 import simmim_cli
-from retrieval.encoder import default_model_dir
 from retrieval.errors import UsageError
 from retrieval.sources import image_paths
-from service.settings import default_model_path
 from simmim_core.model_dir import ENCODER, ENCODER_INT8, load_model_dir
 
 
@@ -190,10 +188,6 @@ def test_every_option_says_what_it_does_and_its_default(capsys, command):
             assert "default" in action.help, f"simmim {command} {action.option_strings}"
     assert simmim_cli.main([]) == 0
     assert f"  {command} " in capsys.readouterr().out
-
-
-def test_the_default_model_is_the_one_the_service_serves():
-    assert default_model_dir() == default_model_path()
 
 
 @pytest.mark.parametrize(
