@@ -16,6 +16,9 @@ COMMANDS = {
     "import": ("training.importers.cli", "official SimMIM, Hugging Face or timm weights -> a run"),
     "export": ("training.export", "export a checkpoint to an ONNX model directory"),
     "serve": ("service.cli", "serve a model directory over HTTP (FastAPI + onnxruntime)"),
+    "embed": ("retrieval.embed", "embed image files into a Parquet file of vectors (Ray Data)"),
+    "index": ("retrieval.index", "load a Parquet file of vectors into Milvus (HNSW, COSINE)"),
+    "search": ("retrieval.search", "find the nearest images of query images in Milvus"),
 }
 
 

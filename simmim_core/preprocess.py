@@ -39,6 +39,8 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", *HIGH_BIT_MODES, *ALPHA_MODES}
 STRIP_PIXELS = 1 << 20  # to_color_mode converts this many pixels at a time
 MAX_RESIZED = 8  # resize_center_crop resizes the whole image while it is at most 8 crops
+# Files taken as images where a folder is searched (training data, bulk embedding).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
 
 class ImageDecodeError(ValueError):

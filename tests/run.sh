@@ -14,7 +14,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e '.[train,serve,tracing,client,dev]'
+python -m pip install -q -e '.[train,serve,tracing,client,dev,retrieval]'
 SETUP=../shared/tools/container-setup.sh
 if [ -f "$SETUP" ] && [ "$(id -u)" = 0 ]; then
   bash "$SETUP"

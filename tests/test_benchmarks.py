@@ -125,3 +125,20 @@ def test_the_load_generator_reports_a_server_that_closes_without_answering():
     assert result["requests_sent"] == 0 and result["unfinished_connections"] == 0
     assert len(result["connection_errors"]) == 2
     assert all("before answering" in e for e in result["connection_errors"])
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_smoke_run_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.retrieval", "--limit", "120", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    r = json.loads((out / "results.json").read_text())
+    assert (r["data"]["train_images"], r["data"]["test_images"]) == (120, 20)
+    assert r["embed"]["failed"] == 0 and r["embed"]["max_abs_diff_vs_engine"] < 1e-4
+    assert r["index"]["vectors"] == 120 and r["queries"]["queries"] == 20
+    assert 0 <= r["queries"]["recall_at_10"] <= 1 and r["queries"]["qps"] > 0
+    assert [t["needed"] for t in r["targets"]] == [0.8, 0.95]
+    text = (out / "results.md").read_text()
+    assert "## Targets" in text and "recall@10" in text

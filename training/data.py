@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from simmim_core.preprocess import (
+    IMAGE_SUFFIXES,
     INTERPOLATIONS,
     ImageDecodeError,
     normalize,
@@ -29,7 +30,6 @@ from simmim_core.preprocess import (
 )
 
 FMNIST_DIR = Path(os.environ.get("SIMMIM_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
 def _read_idx(path: Path) -> np.ndarray:
