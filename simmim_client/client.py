@@ -134,16 +134,28 @@ class Client(ClientCore):
         return self._run(self._similarity(a, b))
 
     def reconstruct(
-        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+        self,
+        image,
+        *,
+        mask_ratio: float | None = None,
+        seed: int | None = None,
+        paste_visible: bool = True,
     ) -> Reconstruction:
-        """SimMIM's masked reconstruction of one image (mask_ratio default: the model's)."""
-        return self._run(self._reconstruct(image, mask_ratio, seed))
+        """SimMIM's masked reconstruction of one image (mask_ratio default: the model's). The
+        visible patches are the original's, as in training's grid; paste_visible=False returns
+        the raw decoder output everywhere."""
+        return self._run(self._reconstruct(image, mask_ratio, seed, paste_visible))
 
     def reconstruct_picture(
-        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+        self,
+        image,
+        *,
+        mask_ratio: float | None = None,
+        seed: int | None = None,
+        paste_visible: bool = True,
     ) -> bytes:
         """One PNG: original | masked input | reconstruction, side by side."""
-        return self._run(self._reconstruct_picture(image, mask_ratio, seed))
+        return self._run(self._reconstruct_picture(image, mask_ratio, seed, paste_visible))
 
     def info(self) -> dict:
         """The model card, the server's settings and runtime."""
@@ -247,14 +259,24 @@ class AsyncClient(ClientCore):
         return await self._run(self._similarity(a, b))
 
     async def reconstruct(
-        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+        self,
+        image,
+        *,
+        mask_ratio: float | None = None,
+        seed: int | None = None,
+        paste_visible: bool = True,
     ) -> Reconstruction:
-        return await self._run(self._reconstruct(image, mask_ratio, seed))
+        return await self._run(self._reconstruct(image, mask_ratio, seed, paste_visible))
 
     async def reconstruct_picture(
-        self, image, *, mask_ratio: float | None = None, seed: int | None = None
+        self,
+        image,
+        *,
+        mask_ratio: float | None = None,
+        seed: int | None = None,
+        paste_visible: bool = True,
     ) -> bytes:
-        return await self._run(self._reconstruct_picture(image, mask_ratio, seed))
+        return await self._run(self._reconstruct_picture(image, mask_ratio, seed, paste_visible))
 
     async def info(self) -> dict:
         return await self._run(self._info())

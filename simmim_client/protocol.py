@@ -251,12 +251,16 @@ class ClientCore:
         eb = ea if b is None else (yield from self._embed(b, True, None, False, "raise"))
         return ea @ eb.T
 
-    def _reconstruct(self, image, mask_ratio: float | None, seed: int | None) -> Flow:
-        call = reconstruct_call(image, mask_ratio, seed, "application/json")
+    def _reconstruct(
+        self, image, mask_ratio: float | None, seed: int | None, paste_visible: bool
+    ) -> Flow:
+        call = reconstruct_call(image, mask_ratio, seed, paste_visible, "application/json")
         return self._exchange(call, read_reconstruction)
 
-    def _reconstruct_picture(self, image, mask_ratio: float | None, seed: int | None) -> Flow:
-        call = reconstruct_call(image, mask_ratio, seed, "image/png")
+    def _reconstruct_picture(
+        self, image, mask_ratio: float | None, seed: int | None, paste_visible: bool
+    ) -> Flow:
+        call = reconstruct_call(image, mask_ratio, seed, paste_visible, "image/png")
         return self._exchange(call, lambda response: response.content)
 
     def _info(self) -> Flow[dict]:
@@ -298,8 +302,12 @@ def read_scores(response: httpx.Response) -> np.ndarray:
     return np.asarray(response.json()["scores"], np.float32)
 
 
-def reconstruct_call(image, mask_ratio: float | None, seed: int | None, accept: str) -> Call:
+def reconstruct_call(
+    image, mask_ratio: float | None, seed: int | None, paste_visible: bool, accept: str
+) -> Call:
     data = {k: str(v) for k, v in (("mask_ratio", mask_ratio), ("seed", seed)) if v is not None}
+    if not paste_visible:
+        data["paste_visible"] = "false"
     return Call("POST", "/reconstruct", [("image", to_upload(image))], data, {"Accept": accept})
 
 

@@ -153,6 +153,32 @@ def test_reconstruct_returns_mask_pngs_and_loss_and_the_side_by_side_picture(cli
     assert picture.format == "PNG" and picture.width > 3 * picture.height
 
 
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory):
+    """The embedded model on onnxruntime: a reconstruction that is not its input."""
+    with ServerProcess(MODEL_DIR, tmp_path_factory.mktemp("model"), env=SETTINGS) as s:
+        s.wait_ready()
+        yield s
+
+
+def test_reconstruct_pastes_the_visible_patches_back_unless_asked_for_the_raw_output(
+    model_server, connect
+):
+    def visible_diff(r) -> float:
+        p = len(np.asarray(Image.open(io.BytesIO(r.masked_input)))) // len(r.mask)
+        visible = np.kron(1 - r.mask, np.ones((p, p), np.uint8)).astype(bool)
+        shown = np.asarray(Image.open(io.BytesIO(r.reconstruction)), np.float32)
+        masked = np.asarray(Image.open(io.BytesIO(r.masked_input)), np.float32)
+        return float(np.abs(shown - masked)[visible].max())
+
+    with connect(model_server.url, api_key=API_KEY) as c:
+        pasted = c.reconstruct(png_bytes(3), mask_ratio=0.5, seed=4)
+        raw = c.reconstruct(png_bytes(3), mask_ratio=0.5, seed=4, paste_visible=False)
+    assert visible_diff(pasted) == 0
+    assert visible_diff(raw) > 0
+    assert raw.loss == pasted.loss  # over the masked pixels only
+
+
 def test_info_and_health(client, ref):
     info = client.info()
     assert info["model"]["name"] == ref.model.name and info["state"] == "ready"
