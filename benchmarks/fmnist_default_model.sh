@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The embedded default model (service/default_model/), made from nothing but Fashion-MNIST:
+#   1. pretrain plain SimMIM for 16 epochs: the ablation's plain arm (benchmarks.fmnist_ablation
+#      resumes or reuses it: it is the same command);
+#   2. fine-tune it on the training labels (simmim finetune, grid4 pooling);
+#   3. export its features, PCA-projected to 256-d, with an int8 encoder, scored on the test split;
+#   4. measure it as a client meets it: served, through /embed (benchmarks.fmnist_served), against
+#      the model it replaces.
+# Every step resumes or is skipped when its output exists. About 1.5 h of 2 CPU cores in all.
+#
+#   nice bash benchmarks/fmnist_default_model.sh [RUNS]    (RUNS default: runs)
+set -euo pipefail
+runs=${1:-runs}
+out=service/default_model
+py=${PYTHON:-python}
+
+pretrain=$runs/ablation/none
+if ! grep -q '"done"' "$pretrain/metrics.jsonl" 2>/dev/null; then
+  resume=(); [ -f "$pretrain/checkpoint.pt" ] && resume=(--resume)
+  $py -m simmim_cli pretrain --preset vit-tiny-fmnist --data fashion-mnist --out "$pretrain" \
+    --epochs 16 --warmup-epochs 1 --sim-loss none --sim-lambda 1 --eval-every 1 --workers 1 \
+    --no-progress "${resume[@]}"
+fi
+
+finetune=$runs/fmnist_finetune
+if ! grep -q '"done"' "$finetune/metrics.jsonl" 2>/dev/null; then
+  resume=(); [ -f "$finetune/checkpoint.pt" ] && resume=(--resume)
+  $py -m simmim_cli finetune "$pretrain" --data fashion-mnist --out "$finetune" \
+    --pooling grid4 --epochs 10 --batch-size 256 --base-lr 2e-3 --warmup-epochs 1 \
+    --layer-decay 0.75 --drop-path 0.1 --crop-scale 0.6 1 --workers 1 --no-progress "${resume[@]}"
+fi
+
+# the model it replaces (commit b8b3a85): the speed baseline of step 4
+previous=$runs/previous_default_model
+if [ ! -d "$previous" ]; then
+  mkdir -p "$previous"
+  git archive b8b3a85 service/default_model | tar -x -C "$previous" --strip-components=2
+fi
+
+rm -rf "$out"  # in git: `git checkout -- service/default_model` brings it back
+$py -m simmim_cli export "$finetune" --out "$out" --int8 --eval-data fashion-mnist \
+  --project pca:256 --name simmim-vit-tiny-fmnist --no-progress
+
+$py -m benchmarks.fmnist_served --model-dir "$out" --int8 --baseline-model-dir "$previous" \
+  --out benchmarks/results/fmnist_served
