@@ -191,7 +191,7 @@ def test_the_api_key_works_as_the_openai_client_sends_it(server, ref):
         assert len(create(right, ref, [b64(png_bytes(0))]).data) == 1
 
 
-def test_the_documented_openai_client_example_runs(server, tmp_path):
+def test_the_documented_openai_client_example_runs(server, ref, tmp_path):
     text = (ROOT / "README.md").read_text()
     code = text.split("### OpenAI-compatible API")[1].split("```python\n")[1].split("```")[0]
     Image.new("L", (28, 28), 128).save(tmp_path / "shirt.png")
@@ -205,7 +205,8 @@ def test_the_documented_openai_client_example_runs(server, tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["simmim-vit-tiny-fmnist", "2048", "1.000"]
+    dim = str(ref.model.card["embedding_dim"])
+    assert result.stdout.split() == [ref.model.card["name"], dim, "1.000"]
 
 
 # --- errors: OpenAI's shape, the statuses /embed would get ----------------------------------
