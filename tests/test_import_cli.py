@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -69,6 +70,8 @@ def test_an_imported_run_is_a_checkpoint_that_evaluate_reads(sources, tmp_path, 
     assert code == 0 and "next: simmim export" in out
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt["imported"]["format"] == "official" and ckpt["preprocessing"]["color_mode"] == "RGB"
+    assert ckpt["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # ImageNet's
+    assert ckpt["preprocessing"]["std"] == pytest.approx([0.229, 0.224, 0.225])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["command"].startswith("simmim import ")
     assert simmim_cli.main(
@@ -76,6 +79,38 @@ def test_an_imported_run_is_a_checkpoint_that_evaluate_reads(sources, tmp_path, 
          "--probe-epochs", "0", "--k", "5", "--no-progress"]
     ) == 0  # fmt: skip
     assert '"knn_top1"' in capsys.readouterr().out
+
+
+def test_an_imported_run_fine_tunes_and_exports_its_features_with_the_source_preprocessing(
+    sources, tmp_path, capsys
+):
+    run, finetuned, model = tmp_path / "run", tmp_path / "ft", tmp_path / "model"
+    assert run_import(capsys, sources["hf"], "--out", run)[0] == 0
+    assert simmim_cli.main(
+        ["finetune", str(run), "--out", str(finetuned), "--data", "synthetic:64", "--epochs", "1",
+         "--batch-size", "16", "--warmup-epochs", "0.5", "--workers", "0", "--no-progress"]
+    ) == 0  # fmt: skip
+    assert load_checkpoint(finetuned)["finetune"]["data"] == "synthetic:64"
+    assert simmim_cli.main(["export", str(finetuned), "--out", str(model), "--no-progress"]) == 0
+    card = json.loads((model / "model.json").read_text())
+    assert card["finetuned"]["serves"] == "pre-logits features"
+    assert card["training"]["imported"]["path"] == str(sources["hf"].resolve())
+    assert card["preprocessing"]["color_mode"] == "RGB" and card["image_size"] == 32
+
+
+def test_a_hugging_face_image_processor_gives_the_preprocessing(sources, tmp_path, capsys):
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "hf"
+    shutil.copytree(sources["hf"], folder)
+    ViTImageProcessor(
+        image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3], resample=2
+    ).save_pretrained(folder)
+    assert run_import(capsys, folder, "--out", tmp_path / "run")[0] == 0
+    spec = load_checkpoint(tmp_path / "run")["preprocessing"]
+    assert spec["mean"] == pytest.approx([0.5, 0.4, 0.3])
+    assert spec["std"] == pytest.approx([0.2, 0.25, 0.3])
+    assert spec["interpolation"] == "bilinear" and spec["crop_size"] == 32
 
 
 def test_domain_given_at_import_is_kept_in_the_run(sources, tmp_path, capsys):

@@ -368,6 +368,7 @@ def train(
             "data": pretrained["data"],
             "finetune": info,
             "rng": {"torch": torch.get_rng_state()},
+            **({"imported": pretrained["imported"]} if "imported" in pretrained else {}),
         }
 
     def evaluate(epoch: float) -> float:
