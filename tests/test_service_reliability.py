@@ -161,6 +161,18 @@ def test_a_request_head_that_does_not_arrive_in_time_gets_408_and_is_closed(tmp_
                 assert closed_by_server(sock)
 
 
+def test_an_idle_keep_alive_connection_is_closed_quietly_after_keep_alive_s(tmp_path):
+    env = {"SIMMIM_KEEP_ALIVE_S": "1", "SIMMIM_HEADER_TIMEOUT_S": "600"}
+    with ServerProcess(MODEL_DIR, tmp_path, env=env, dummy=True, api_key=None) as server:
+        server.wait_ready()
+        with connect(server) as sock:
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert read_response(sock)[0] == 200
+            # within connect()'s 60 s: far beyond keep_alive_s, far below the header timeout;
+            # closed with no answer (a 408 would be the header timeout's)
+            assert sock.recv(65536) == b""
+
+
 def test_at_the_connection_limit_a_new_connection_replaces_the_oldest_idle_one(tmp_path):
     env = {"SIMMIM_MAX_CONNECTIONS": "3"}
     with ServerProcess(MODEL_DIR, tmp_path, env=env, dummy=True, api_key=None) as server:
