@@ -6,6 +6,7 @@ path: written in the official microsoft/SimMIM layout, then `simmim import`, `si
 --int8`. Built models are cached in the work folder.
 
     python -m benchmarks.photo_models --out /tmp/photo-models   # about 15 min on 2 cores
+    python -m benchmarks.photo_models --provider cuda --out /tmp/photo-models-gpu
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .model_speed import run_engines
 from .models import BenchModel
+from .run import machine_info
+
+ENGINES = ("ort_fp32", "ort_int8")
 
 MODELS = {  # key: (label, preset with the architecture, options simmim import needs)
     "vit_b16": ("SimMIM ViT-B/16 @224", "vit-base-224", []),
@@ -60,20 +63,30 @@ def build(key: str, work: Path) -> BenchModel:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.photo_models",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="work folder: models and results")
     p.add_argument("--seconds", type=float, default=10.0, help="timing per engine and batch")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes")
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="onnxruntime execution provider (cuda: onnxruntime-gpu on a GPU machine)",
+    )
     args = p.parse_args(argv)
     models = [build(key, args.out) for key in MODELS]
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, cpu",
+        "machine": machine_info(args.provider),
         "load_average_1min": {"start": os.getloadavg()[0]},
         "models": {},
     }
     for model in models:
-        engines = run_engines(model, args.batches, args.seconds, "cpu", ("ort_fp32", "ort_int8"))
+        engines = run_engines(model, args.batches, args.seconds, args.provider, ENGINES)
         results["models"][model.key] = {**model.describe(), "engines": engines}
     results["load_average_1min"]["end"] = os.getloadavg()[0]
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
