@@ -16,9 +16,17 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from dummy_backend import DummyBackend
-from service_fixtures import LAUNCHER, ServerProcess, png_bytes, wait_until
+from service_fixtures import (
+    LAUNCHER,
+    InProcessServer,
+    ServerProcess,
+    free_port,
+    png_bytes,
+    wait_until,
+)
 
 from service.app import create_app
 from service.settings import Settings, default_model_path
@@ -267,6 +275,29 @@ def test_a_backend_that_raises_fails_its_requests_with_500_and_the_server_keeps_
             assert r.status_code == 500 and r.json()["error"]["code"] == "inference_failed"
         assert server.http.get("/health/ready").status_code == 200
         assert server.proc.poll() is None
+
+
+class DescribeBug(DummyBackend):
+    """A bug outside the model calls: describe(), which GET /info reads, raises."""
+
+    def describe(self) -> dict:
+        raise KeyError("a field the backend forgot")
+
+
+def test_a_bug_outside_the_model_is_a_500_internal_logged_with_its_traceback_and_request_id(
+    caplog,
+):
+    settings = Settings(api_key=None, processes=1, workers=1, tune_batch_size=False)
+    with InProcessServer(create_app(settings, DescribeBug), free_port()) as server:
+        server.wait_ready()
+        r = server.http.get("/info", headers={"x-request-id": "bug-1"})
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "internal"
+        assert "forgot" not in r.text  # the details go to the log, not to the client
+        # uvicorn closes the connection of a request that raised; the server keeps serving
+        assert httpx.get(f"{server.url}/health/live").status_code == 200
+    [record] = [rec for rec in caplog.records if rec.getMessage() == "unhandled error on GET /info"]
+    assert record.exc_info[0] is KeyError and record.request_id == "bug-1"
 
 
 def test_a_model_worker_that_dies_fails_every_pending_request_at_once_and_exits_1(tmp_path):
