@@ -47,7 +47,7 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def train(arm: str, run: Path, epochs: float) -> None:
+def pretrain_arm(arm: str, run: Path, epochs: float) -> None:
     if any(r.get("done") for r in rows(run)):
         return
     resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
@@ -76,7 +76,7 @@ def train(arm: str, run: Path, epochs: float) -> None:
     )
 
 
-def evaluate(out: Path, *args: str) -> dict:
+def evaluated(out: Path, *args: str) -> dict:
     if not out.exists():
         simmim("evaluate", "--data", "fashion-mnist", "--no-progress", "--out", str(out), *args)
     return json.loads(out.read_text())
@@ -143,14 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     evals = args.runs / "eval"
     evals.mkdir(parents=True, exist_ok=True)
     results: dict = {"epochs": args.epochs, "arms": {}, "pixels": {}}
-    results["pixels"]["raw"] = evaluate(evals / "pixels.json", "--pixels")
-    results["pixels"]["whiten256"] = evaluate(
+    results["pixels"]["raw"] = evaluated(evals / "pixels.json", "--pixels")
+    results["pixels"]["whiten256"] = evaluated(
         evals / "pixels_whiten256.json", "--pixels", "--project", "pca-whiten:256"
     )
     for arm in args.arms:
         run = args.runs / arm
         if not args.no_train:
-            train(arm, run, args.epochs)
+            pretrain_arm(arm, run, args.epochs)
         done = [r for r in rows(run) if r.get("done")]
         entry = {
             "online": [r for r in rows(run) if "knn_top1" in r],
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if done:
             entry["test"] = {
-                name: evaluate(evals / f"{arm}_{name}.json", "--checkpoint", str(run), *opts)
+                name: evaluated(evals / f"{arm}_{name}.json", "--checkpoint", str(run), *opts)
                 for name, (_, opts) in FEATURES.items()
             }
         results["arms"][arm] = entry

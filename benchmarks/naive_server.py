@@ -33,7 +33,7 @@ class EmbedRequest(BaseModel):
     normalize: bool = True
 
 
-def create_app(model: BenchModel, device: str) -> FastAPI:
+def create_naive_app(model: BenchModel, device: str) -> FastAPI:
     net, _ = torch_encoder(model, device)
     spec = Preprocessing.from_dict(model.card["preprocessing"])
     app = FastAPI()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = BenchModel("naive", "naive", args.model_dir, args.checkpoint, "")
     uvicorn.run(
-        create_app(model, args.device),
+        create_naive_app(model, args.device),
         host="127.0.0.1",
         port=args.port,
         log_level="warning",

@@ -122,7 +122,7 @@ def loadgen(url: str, bodies: Path, *args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def png(img: Image.Image) -> bytes:
+def image_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
@@ -205,9 +205,9 @@ def overload(work: Path, rounds: int, seconds: float) -> dict:
 
 
 def memory(work: Path) -> dict:
-    extreme = png(Image.new("L", (3_300_000, 2), 128))
+    extreme = image_png(Image.new("L", (3_300_000, 2), 128))
     deep = np.tile((np.arange(6600, dtype=np.uint32) * 9 % 65536).astype(np.uint16), (6000, 1))
-    sixteen = png(Image.fromarray(deep))  # 6600 x 6000, 16-bit gray
+    sixteen = image_png(Image.fromarray(deep))  # 6600 x 6000, 16-bit gray
     results = {"extreme_png_bytes": len(extreme), "16bit_png_bytes": len(sixteen)}
     settings = {"max_request_bytes": 20_000_000}
     with server(work, "memory", settings) as srv:
@@ -314,7 +314,7 @@ def connections(work: Path, idle: int = 2200, seconds: float = 20) -> dict:
             except OSError:
                 break
         results["opened"] = len(socks)
-        body = embed_body(tiny_images([png(Image.new("L", (64, 64), 90))], 32, "L", 1))
+        body = embed_body(tiny_images([image_png(Image.new("L", (64, 64), 90))], 32, "L", 1))
         statuses: dict[str, int] = {}
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -363,7 +363,7 @@ def second_server(work: Path) -> dict:
 
 def shutdown(work: Path) -> dict:
     with server(work, "shutdown") as srv:
-        body = embed_body([png(Image.new("L", (64, 64), 90))])
+        body = embed_body([image_png(Image.new("L", (64, 64), 90))])
         sock = socket.create_connection(("127.0.0.1", srv.port))
         sock.sendall(post("/embed", body)[: -len(body)])
         stop = threading.Event()
@@ -391,7 +391,7 @@ def shutdown(work: Path) -> dict:
 
 def disconnect(work: Path) -> dict:
     with server(work, "disconnect") as srv:
-        body = embed_body([png(Image.new("L", (256, 256), 90))])
+        body = embed_body([image_png(Image.new("L", (256, 256), 90))])
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(post("/embed", body)[: -len(body) // 2])
         time.sleep(1)

@@ -254,7 +254,7 @@ def finetune(args, argv) -> int:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return train(
+        return _train(
             args,
             argv,
             out,
@@ -275,7 +275,7 @@ def finetune(args, argv) -> int:
         raise
 
 
-def train(
+def _train(
     args, argv, out, run, pretrained, resumed, simmim, cfg, data, source, test_src, spec, device
 ) -> int:
     torch.manual_seed(cfg.seed)

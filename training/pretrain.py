@@ -251,7 +251,7 @@ def pretrain(args, argv) -> int:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return train(
+        return _train(
             args,
             argv,
             out,
@@ -275,7 +275,7 @@ def pretrain(args, argv) -> int:
         raise
 
 
-def train(
+def _train(
     args,
     argv,
     out,
