@@ -42,13 +42,13 @@ def simmim(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "simmim_cli", *args], check=True)
 
 
-def rows(run: Path) -> list[dict]:
+def metrics_rows(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def pretrain_arm(arm: str, run: Path, epochs: float) -> None:
-    if any(r.get("done") for r in rows(run)):
+    if any(r.get("done") for r in metrics_rows(run)):
         return
     resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
     simmim(
@@ -90,7 +90,7 @@ def plot(runs: Path, arms: list[str], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arms:
-        evals = [r for r in rows(runs / arm) if "knn_top1" in r]
+        evals = [r for r in metrics_rows(runs / arm) if "knn_top1" in r]
         epochs = [r["epoch"] for r in evals]
         axes[0].plot(epochs, [100 * r["knn_top1"] for r in evals], "o-", label=ARMS[arm])
         axes[1].plot(epochs, [100 * r["knn_top1_whitened"] for r in evals], "o-", label=ARMS[arm])
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         run = args.runs / arm
         if not args.no_train:
             pretrain_arm(arm, run, args.epochs)
-        done = [r for r in rows(run) if r.get("done")]
+        done = [r for r in metrics_rows(run) if r.get("done")]
         entry = {
-            "online": [r for r in rows(run) if "knn_top1" in r],
+            "online": [r for r in metrics_rows(run) if "knn_top1" in r],
             "seconds": done[-1]["seconds"] if done else None,
         }
         if done:
