@@ -5,7 +5,8 @@
 #   2. fine-tune it on the training labels (simmim finetune, grid4 pooling);
 #   3. export its features, PCA-projected to 256-d, with an int8 encoder, scored on the test split;
 #   4. measure it as a client meets it: served, through /embed (benchmarks.fmnist_served), against
-#      the model it replaces.
+#      the model it replaces, beside the raw-pixel baselines under the same projection (PCA to
+#      256-d) and under the best one for pixels (PCA-whitening to 256-d).
 # Every step resumes or is skipped when its output exists. About 1.5 h of 2 CPU cores in all.
 #
 #   nice bash benchmarks/fmnist_default_model.sh [RUNS]    (RUNS default: runs)
@@ -41,5 +42,13 @@ rm -rf "$out"  # in git: `git checkout -- service/default_model` brings it back
 $py -m simmim_cli export "$finetune" --out "$out" --int8 --eval-data fashion-mnist \
   --project pca:256 --name simmim-vit-tiny-fmnist --no-progress
 
+mkdir -p benchmarks/results/fmnist_served
+cp "$finetune/loss_curve.png" benchmarks/results/fmnist_served/finetune_curve.png
+cp "$finetune/recon_finetuned.png" benchmarks/results/fmnist_served/recon_finetuned.png
 $py -m benchmarks.fmnist_served --model-dir "$out" --int8 --baseline-model-dir "$previous" \
   --out benchmarks/results/fmnist_served
+
+for project in pca:256 pca-whiten:256; do
+  $py -m simmim_cli evaluate --pixels --data fashion-mnist --project "$project" --no-progress \
+    --out "benchmarks/results/fmnist_served/pixels_${project/:/_}.json"
+done
