@@ -59,5 +59,8 @@ class Sampler(threading.Thread):
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
 
     def peak_mib(self, phase: str) -> dict[str, float]:
-        peak = self.peaks.get(phase, {"rss": 0, "pss": 0})
-        return {k + "_mib": round(v / MIB, 1) for k, v in peak.items()}
+        """The phase's peaks in MiB; a phase shorter than the interval has none (an error, not
+        a zero that would read as a negative peak over idle)."""
+        if phase not in self.peaks:
+            raise ValueError(f"phase {phase!r} ended before the first sample: lower the interval")
+        return {k + "_mib": round(v / MIB, 1) for k, v in self.peaks[phase].items()}

@@ -211,7 +211,7 @@ def memory(work: Path) -> dict:
     results = {"extreme_png_bytes": len(extreme), "16bit_png_bytes": len(sixteen)}
     settings = {"max_request_bytes": 20_000_000}
     with server(work, "memory", settings) as srv:
-        sampler = Sampler(srv.pid)
+        sampler = Sampler(srv.pid, interval=0.005)  # the extreme image takes tens of ms
         sampler.start()
         sampler.phase = "idle"
         time.sleep(2)
