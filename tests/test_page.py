@@ -232,7 +232,7 @@ def test_the_page_asks_for_the_api_key_once_and_keeps_it_for_the_tab(tab, server
     assert not by_id(tab, "key-dialog").is_displayed()
 
 
-def test_the_model_card_shows_name_training_data_dimension_evaluation_and_int8(tab, server):
+def test_the_model_card_shows_name_training_fine_tuning_dimension_evaluation_and_int8(tab, server):
     open_page(tab, server)
     card = json.loads((MODEL_DIR / "model.json").read_text())
     rows = card_rows(tab)
@@ -243,6 +243,9 @@ def test_the_model_card_shows_name_training_data_dimension_evaluation_and_int8(t
     knn = card["evaluation"]["fp32"]["knn_top1"]
     assert f"kNN top-1 {knn * 100:.1f}%" in rows["Evaluation"]
     assert rows["int8 served"].startswith("no")
+    top1 = card["finetuned"]["test_top1"]  # the default model is a fine-tuned run
+    assert rows["Fine-tuned"].startswith(f"on {card['finetuned']['labels']}, 10 classes")
+    assert f"test top-1 {top1 * 100:.1f}%; serves its pre-logits features" in rows["Fine-tuned"]
     assert by_id(tab, "mask-ratio").get_attribute("value") == str(card["mask_ratio"])
 
 

@@ -180,6 +180,18 @@ def test_a_short_pretrain_on_synthetic_images_lowers_the_loss(tmp_path):
     assert late < 0.85 * early, f"loss went from {early:.4f} to {late:.4f}"
 
 
+def test_eval_every_logs_online_knn_before_the_first_epoch_and_after_each(tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(out, "--epochs", "2", "--eval-every", "1") == 0
+    evals = [r for r in read_metrics(out) if "knn_top1" in r]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert [r["step"] for r in evals] == [0, 8, 16]  # 64 images, batches of 8
+    for r in evals:  # 64 labelled images: 54 in the bank, 10 queries
+        assert (r["eval_bank"], r["eval_queries"]) == (54, 10)
+        assert 0 <= r["knn_top1"] <= 1 and 0 <= r["knn_top1_whitened"] <= 1
+        assert set(r["knn_by_feature"]) == {"block1/mean"}  # depth 1, mean pooling
+
+
 def test_the_same_seed_gives_the_same_run(tmp_path):
     pretrain(tmp_path / "a", "--steps", "3")
     pretrain(tmp_path / "b", "--steps", "3")

@@ -187,6 +187,12 @@ function trainingText(training) {
   return `${training.data || "unknown"}${amount.length ? ` (${amount.join(", ")})` : ""}`;
 }
 
+function finetunedText(finetuned) {
+  const top1 = finetuned.test_top1 == null ? "" : `; its classifier: test top-1 ${PERCENT.format(finetuned.test_top1)}`;
+  const classes = finetuned.classes ? `, ${finetuned.classes.length} classes` : "";
+  return `on ${finetuned.labels || finetuned.data}${classes}${top1}; serves its ${finetuned.serves}`;
+}
+
 function encoderText(encoder) {
   if (!encoder) return "not recorded";
   if (!encoder.parameters) return encoder.arch;
@@ -201,6 +207,7 @@ function renderCard(info) {
     ["Name", card.name],
     ...(card.domain ? [["Domain", card.domain]] : []),
     ["Training data", trainingText(card.training)],
+    ...(card.finetuned ? [["Fine-tuned", finetunedText(card.finetuned)]] : []),
     ["Input", `${card.image_size} × ${card.image_size} px, ${channels}`],
     ["Encoder", encoderText(card.encoder)],
     ["Embedding", `${card.embedding_dim} dimensions${pooling}`],
