@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -240,6 +241,29 @@ def test_an_unknown_format_version_is_refused(tiny_model_dir, tmp_path):
     (copy / "model.json").write_text(json.dumps(card))
     with pytest.raises(ModelDirError, match="format_version"):
         load_model_dir(copy)
+
+
+def test_an_intermediate_block_without_the_final_norm_is_exported_and_recorded(tmp_path):
+    cfg = dataclasses.replace(
+        TINY["vit"], encoder_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    )
+    write_checkpoint(tmp_path / "ckpt.pt", cfg)
+    folder = export_model_dir(
+        tmp_path / "ckpt.pt", tmp_path / "model", feature_layer=1, feature_norm=False
+    )
+    card = json.loads((folder / "model.json").read_text())
+    assert card["features"]["feature_layer"] == 1 and card["features"]["feature_norm"] is False
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = ort.InferenceSession(str(folder / ENCODER)).run(["embedding"], {"pixels": pixels})[0]
+    block1 = write_checkpoint(
+        tmp_path / "again.pt", dataclasses.replace(cfg, feature_layer=1, feature_norm=False)
+    )
+    last = write_checkpoint(tmp_path / "last.pt", cfg)
+    with torch.no_grad():
+        expected = block1.embed(torch.from_numpy(pixels)).numpy()
+        default = last.embed(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+    assert np.abs(out - default).max() > 1e-2  # not the last block's normed tokens
 
 
 def test_grid_pooling_exports_a_flattened_grid_that_matches_pytorch(tmp_path):
