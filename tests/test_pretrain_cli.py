@@ -75,6 +75,14 @@ def test_resume_without_a_checkpoint_is_one_line_and_creates_no_folder(tmp_path,
     assert not (tmp_path / "nothing").exists()
 
 
+@pytest.mark.parametrize("schedule", [["--steps", "0"], ["--epochs", "0"]])
+def test_an_empty_schedule_is_one_line_and_creates_no_folder(schedule, tmp_path, capsys):
+    assert cli(tmp_path / "run", "--data", "synthetic:64", *schedule) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--steps must be at least 1" in error
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_is_one_line_and_creates_no_folder(tmp_path, capsys):
     assert cli(tmp_path / "run", "--data", str(tmp_path / "nonexistent")) == 2
     error = capsys.readouterr().err.strip()

@@ -199,6 +199,8 @@ def pretrain(args, argv) -> int:
             raise UsageError(
                 f"{out} already holds a run; use --resume to continue it or choose another --out"
             )
+    if (train_cfg.steps is not None and train_cfg.steps < 1) or train_cfg.epochs <= 0:
+        raise UsageError("--steps must be at least 1 and --epochs above 0")
     try:
         source = open_dataset(data, "train")
     except (FileNotFoundError, ValueError) as e:
