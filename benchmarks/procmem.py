@@ -4,6 +4,7 @@ closer to what a container's cgroup charges), sampled in a thread with peaks per
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -39,6 +40,18 @@ def rss_pss_bytes(pids: list[int]) -> tuple[int, int]:
             elif key == "Pss":
                 pss += int(rest.split()[0]) * 1024
     return rss, pss
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by these processes (from /proc/PID/stat)."""
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Sampler(threading.Thread):

@@ -4,14 +4,20 @@ loopback, with the figures that show each is bounded now.
 
 usage: python -m benchmarks.reliability --out benchmarks/results/reliability [--rounds 3]
 
-Writes OUT/reliability.json and OUT/reliability.md (about 6 minutes here). Scenarios:
+Writes OUT/reliability.json and OUT/reliability.md (about 10 minutes here). Scenarios:
   overload     per round: capacity (the images answered 200 per second by closed loops of 16
                and of 64 connections, the better of the two; one small image per request),
                then an open loop at 3x that rate (512 connections), then capacity again; the
                goodput (images answered 200 per second) is compared with the mean of the two
                capacities around it (the machine is shared: its speed drifts; and a queue kept
                full batches better than a closed loop, so a ratio can pass 1).
-               /health/live is probed every 0.1 s meanwhile.
+               /health/live is probed every 0.1 s meanwhile. The server's CPU (its process
+               tree) and its own count of answers give its CPU per 200 (capacity runs) and
+               what its CPU under overload leaves for each 429 (an upper bound: anything
+               else overload costs is charged to the 429s); the load generator's CPU is
+               reported beside.
+  overload_apart  the same, with the server on every CPU but the last and the load generator
+               and the prober on the last, as if the clients were on another machine.
   memory       peak memory of the process tree over its idle level: an extreme aspect ratio
                (one request of two 3,300,000 x 2 gray PNGs, 6 KB each), 16-bit PNGs (6
                concurrent requests of 4 gray 6000 x 6600 16-bit PNGs), and 40 connections that
@@ -32,6 +38,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import resource
 import signal
 import socket
@@ -51,7 +58,7 @@ from PIL import Image
 from service.settings import default_model_path
 
 from .images import find_photos, tiny_images, write_bodies
-from .procmem import MIB, Sampler
+from .procmem import MIB, Sampler, cpu_seconds, tree
 from .servers import ROOT, simmim_serve
 
 MODEL_DIR = default_model_path()
@@ -110,9 +117,11 @@ class Liveness(threading.Thread):
         }
 
 
-def loadgen(url: str, bodies: Path, *args: str) -> dict:
+def loadgen(url: str, bodies: Path, *args: str, cpus: str | None = None) -> dict:
+    """benchmarks.loadgen's result; on the CPUs `cpus` (taskset's list) if given."""
+    pin = ["taskset", "-c", cpus] if cpus else []
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loadgen", url, str(bodies), *args],
+        [*pin, sys.executable, "-m", "benchmarks.loadgen", url, str(bodies), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -141,23 +150,74 @@ def server(work: Path, name: str, settings: dict | None = None, prefix: list[str
 
 
 # --- scenarios -------------------------------------------------------------------------------
-def overload(work: Path, rounds: int, seconds: float) -> dict:
+@contextmanager
+def pinned(cpus: set[int] | None):
+    """This process (its threads) on `cpus` meanwhile; None: unchanged."""
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def answered(srv) -> dict[str, float]:
+    """/embed answers counted by the server so far, by status."""
+    prefix = "simmim_requests_total{endpoint=/embed,status="
+    return {k[len(prefix) : -1]: v for k, v in srv.metrics().items() if k.startswith(prefix)}
+
+
+def accounted(srv, url: str, bodies: Path, *args: str, cpus: str | None = None) -> dict:
+    """One loadgen run, with the server's CPU seconds (its whole process tree) and the answers it
+    counted over the run (warm-up and drain included)."""
+    pids = tree(srv.proc.pid)
+    counts0, cpu0 = answered(srv), cpu_seconds(pids)
+    run = loadgen(url, bodies, *args, cpus=cpus)
+    cpu, counts = cpu_seconds(pids) - cpu0, answered(srv)
+    run["server_cpu_s"] = cpu
+    run["server_answers"] = {k: v - counts0.get(k, 0) for k, v in counts.items()}
+    return run
+
+
+def overload(work: Path, rounds: int, seconds: float, apart: bool) -> dict:
+    """apart: the server on all CPUs but the last, the load generator and the /health/live
+    prober on the last (as if the clients were another machine); else all share every CPU."""
     files, _ = find_photos()
     photos = [f.read_bytes() for f in files]
     bodies = write_bodies(tiny_images(photos, 32, "L", 64), work / "small.jsonl")
     out = []
-    with server(work, "overload") as srv:
-        url = srv.url + "/embed"
+    cpus = sorted(os.sched_getaffinity(0))
+    if apart and len(cpus) < 2:
+        return {"skipped": f"{len(cpus)} CPU: no CPU to keep the load generator apart"}
+    server_cpus = ",".join(map(str, cpus[:-1])) if apart else None
+    client_cpus = str(cpus[-1]) if apart else None
+    prefix = ["taskset", "-c", server_cpus] if apart else []
+    with server(work, "overload", prefix=prefix) as srv, pinned({cpus[-1]} if apart else None):
+        url = srv.url + "/embed"  # the /health/live prober runs here: with the clients
 
         def capacity() -> dict:
             runs = {
-                c: loadgen(url, bodies, "--concurrency", str(c), "--seconds", str(seconds))
+                c: accounted(
+                    srv,
+                    url,
+                    bodies,
+                    "--concurrency",
+                    str(c),
+                    "--seconds",
+                    str(seconds),
+                    cpus=client_cpus,
+                )
                 for c in (16, 64)
             }
             best = max(runs.values(), key=lambda r: r["img_s"])
             return {
                 "img_s": best["img_s"],
                 "by_concurrency": {c: (r["img_s"], r["statuses"]) for c, r in runs.items()},
+                "server_cpu_ms_per_200": 1e3
+                * sum(r["server_cpu_s"] for r in runs.values())
+                / sum(r["server_answers"].get("200", 0) for r in runs.values()),
+                "client_cores": best["client_cpu_s"] / best["wall_s"],
             }
 
         for _ in range(rounds):
@@ -165,7 +225,8 @@ def overload(work: Path, rounds: int, seconds: float) -> dict:
             rate = 3 * before["img_s"]
             live = Liveness(srv.port)
             live.start()
-            over = loadgen(
+            over = accounted(
+                srv,
                 url,
                 bodies,
                 "--rate",
@@ -176,10 +237,13 @@ def overload(work: Path, rounds: int, seconds: float) -> dict:
                 str(seconds),
                 "--warmup-s",
                 "2",
+                cpus=client_cpus,
             )
             liveness = live.summary()
             after = capacity()
             cap = (before["img_s"] + after["img_s"]) / 2
+            per_200 = (before["server_cpu_ms_per_200"] + after["server_cpu_ms_per_200"]) / 2
+            n = over["server_answers"]
             out.append(
                 {
                     "capacity_img_s": [before["img_s"], after["img_s"]],
@@ -191,6 +255,17 @@ def overload(work: Path, rounds: int, seconds: float) -> dict:
                     "ok_latency_ms": over.get("latency_ms"),
                     "server_ms": over.get("server_ms"),
                     "liveness": liveness,
+                    # where the cores went: the server's CPU per 200 (capacity runs) and what
+                    # its CPU in overload leaves for each 429; the load generator's share
+                    "server_cpu_ms_per_200": per_200,
+                    "server_cpu_ms_per_429": (
+                        1e3 * over["server_cpu_s"] - per_200 * n.get("200", 0)
+                    )
+                    / max(1.0, n.get("429", 0)),
+                    "client_cores": {
+                        "capacity": (before["client_cores"] + after["client_cores"]) / 2,
+                        "overload": over["client_cpu_s"] / over["wall_s"],
+                    },
                 }
             )
     ratios = [r["goodput_ratio"] for r in out]
@@ -201,6 +276,13 @@ def overload(work: Path, rounds: int, seconds: float) -> dict:
         "median_ok_p99_ms": statistics.median(p99s),
         "only_200_and_429": all(set(r["statuses"]) <= {"200", "429"} for r in out),
         "median_liveness_p95_ms": statistics.median(r["liveness"]["p95_ms"] for r in out),
+        "median_server_cpu_ms": {
+            s: statistics.median(r[f"server_cpu_ms_per_{s}"] for r in out) for s in ("200", "429")
+        },
+        "median_client_cores": {
+            phase: statistics.median(r["client_cores"][phase] for r in out)
+            for phase in ("capacity", "overload")
+        },
     }
 
 
@@ -406,29 +488,50 @@ def disconnect(work: Path) -> dict:
 
 
 # --- report ----------------------------------------------------------------------------------
-def markdown(r: dict) -> str:
-    o, m, j, c, p, s, d = (
-        r[k]
-        for k in ("overload", "memory", "json", "connections", "port", "shutdown", "disconnect")
-    )
-    rows = [
+def overload_rows(o: dict, where: str) -> list[tuple[str, str]]:
+    if "skipped" in o:
+        return [(f"3x overload, {where}", f"not run: {o['skipped']}")]
+    return [
         (
-            "3x overload, one small image per request: goodput / capacity (median of rounds)",
+            f"3x overload, {where}: goodput / capacity (median of rounds)",
             f"{o['median_goodput_ratio']:.2f} (rounds "
             + ", ".join(f"{x['goodput_ratio']:.2f}" for x in o["rounds"])
             + ")",
         ),
         (
-            "3x overload: answers",
+            f"3x overload, {where}: answers",
             "only 200 and 429"
             if o["only_200_and_429"]
             else "; ".join(str(x["statuses"]) for x in o["rounds"]),
         ),
-        ("3x overload: p99 of the 200s (median of rounds)", f"{o['median_ok_p99_ms']:.0f} ms"),
         (
-            "3x overload: /health/live p95 (median of rounds)",
+            f"3x overload, {where}: p99 of the 200s (median of rounds)",
+            f"{o['median_ok_p99_ms']:.0f} ms",
+        ),
+        (
+            f"3x overload, {where}: /health/live p95 (median of rounds)",
             f"{o['median_liveness_p95_ms']:.0f} ms",
         ),
+        (
+            f"3x overload, {where}: server CPU per answer, 200 / 429 (median of rounds)",
+            f"{o['median_server_cpu_ms']['200']:.2f} ms / "
+            f"{o['median_server_cpu_ms']['429']:.2f} ms",
+        ),
+        (
+            f"3x overload, {where}: load generator's CPU, at capacity / at 3x (median of rounds)",
+            f"{o['median_client_cores']['capacity']:.2f} / "
+            f"{o['median_client_cores']['overload']:.2f} cores",
+        ),
+    ]
+
+
+def markdown(r: dict) -> str:
+    m, j, c, p, s, d = (
+        r[k] for k in ("memory", "json", "connections", "port", "shutdown", "disconnect")
+    )
+    rows = [
+        *overload_rows(r["overload"], "one small image per request, clients on the same CPUs"),
+        *overload_rows(r["overload_apart"], "the load generator on a CPU of its own"),
         (
             "2 PNGs of 3,300,000 x 2 in one request: peak memory over idle",
             f"{m['extreme_peak_over_idle_mib']['rss_mib']:.0f} MiB RSS "
@@ -492,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="simmim-reliability-"))
     scenarios = {
-        "overload": lambda: overload(work, args.rounds, args.seconds),
+        "overload": lambda: overload(work, args.rounds, args.seconds, apart=False),
+        "overload_apart": lambda: overload(work, args.rounds, args.seconds, apart=True),
         "memory": lambda: memory(work),
         "json": lambda: hostile_json(work),
         "connections": lambda: connections(work),

@@ -15,10 +15,11 @@ These answers are written here, before the app, as a few bytes prepared once.
 Overload is refused here too (Screen): an inference request that the engine would refuse
 (Engine.refusal: not ready, draining, queue full, bodies in flight) gets its 429 or 503 as soon
 as its head has arrived, with no ASGI task, routing or middleware (about a tenth of the app's
-cost), and the connection stays open, its body discarded. It is counted in
-simmim_requests_total and the sampled access log like the app's own answers (in OpenAI's error
-shape under /v1/), but carries no request id or trace span, and it comes before the API key is
-checked.
+cost), and the connection stays open, its body discarded. A refused request that arrives whole
+in one read is answered before the HTTP parser sees it (LimitedProtocol._refused_whole). It is
+counted in simmim_requests_total and the sampled access log like the app's own answers (in
+OpenAI's error shape under /v1/), but carries no request id or trace span, and it comes before
+the API key is checked.
 """
 
 from __future__ import annotations
@@ -212,6 +213,8 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         reading_head = self._head_timer is not None
+        if reading_head and self._head_bytes == 0 and self._refused_whole(data):
+            return
         super().data_received(data)
         if reading_head and self._head_timer is not None:  # the head is still incomplete
             self._head_bytes += len(data)
@@ -257,6 +260,53 @@ class LimitedProtocol(HttpToolsProtocol):
             self.transport.write(answer)
         else:
             self._end(answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1))
+        return True
+
+    def _refused_whole(self, data: bytes) -> bool:
+        """The screen's fast path, for the commonest request under overload: `data` is one
+        whole POST (head and body, nothing after it) with a Content-Length, HTTP/1.1 keep-alive,
+        to a path the screen refuses. It is answered without the HTTP parser and uvicorn's
+        per-request state, and the connection waits for its next request. Anything else
+        (another shape, a partial or pipelined request, an unusual header) returns False and
+        goes the normal way: the parser sees every byte of it."""
+        if self.screen is None or self.over_limit or not data.startswith(b"POST /"):
+            return False
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or b"\n" in data[:end].replace(b"\r\n", b""):
+            return False
+        request_line, *lines = data[:end].split(b"\r\n")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+            return False
+        headers, length = [], None
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip() or b" " in name:
+                return False
+            name, value = name.lower(), value.strip(b" \t")
+            if name in (b"transfer-encoding", b"connection", b"expect"):
+                return False
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return False
+                length = int(value)
+            headers.append((name, value))
+        if length is None or len(data) != end + 4 + length:
+            return False
+        try:
+            path = parts[1].partition(b"?")[0].decode("ascii")
+        except UnicodeDecodeError:
+            return False
+        answer = self.screen(path, headers)
+        if answer is None:
+            return False
+        self._head_arrived()
+        self.transport.write(answer)
+        self._await_head(self.between)
+        self._unset_keepalive_if_required()
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
         return True
 
     def on_body(self, body: bytes) -> None:

@@ -45,7 +45,13 @@ def head(path: str = "/embed", length: int = len(BODY), extra: str = "") -> byte
 
 def read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one response read from `sock`."""
-    stream = sock.makefile("rb")
+    return read_from(sock.makefile("rb"))
+
+
+def read_from(stream) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of the next response in a socket's buffered `stream` (one
+    stream per socket where responses may arrive together: a stream's buffer may hold more
+    than one)."""
     status = int(stream.readline().split()[1])
     headers = {}
     for line in iter(stream.readline, b"\r\n"):
@@ -111,6 +117,51 @@ def test_an_early_refusal_under_v1_takes_openais_error_shape(held):
     error = json.loads(body)["error"]
     assert status == 429 and error["type"] == "rate_limit_error"
     assert error["code"] == "queue_full" and error["message"]
+
+
+LIVE = b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def test_a_request_refused_whole_leaves_its_keep_alive_connection_ready_for_the_next(held):
+    server, _ = held
+    with connect(server) as sock:
+        for _ in range(3):
+            sock.sendall(head() + BODY)  # head and body in one write: the screen's fast path
+            assert read_response(sock)[0] == 429
+        sock.sendall(LIVE)
+        assert read_response(sock)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        head() + BODY + head() + BODY,  # pipelined
+        head(length=0, extra="Transfer-Encoding: chunked\r\n").replace(
+            b"Content-Length: 0\r\n", b""
+        )
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(BODY), BODY),
+    ],
+    ids=["pipelined", "chunked"],
+)
+def test_requests_of_other_shapes_are_refused_by_the_parser_and_the_connection_stays_in_step(
+    held, request_bytes
+):
+    server, _ = held
+    with connect(server) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(request_bytes)
+        for _ in range(request_bytes.count(b"POST")):
+            assert read_from(stream)[0] == 429
+        sock.sendall(LIVE)
+        assert read_from(stream)[0] == 200
+
+
+def test_a_malformed_request_gets_the_parsers_400_even_under_overload(held):
+    server, _ = held
+    with connect(server) as sock:
+        sock.sendall(head(extra=f"Content-Length: {len(BODY)}\r\n") + BODY)  # length twice
+        assert read_response(sock)[0] == 400
+        assert closed_by_server(sock)
 
 
 def test_429s_are_logged_once_per_interval_with_their_count(held):
