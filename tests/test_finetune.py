@@ -162,6 +162,21 @@ def test_export_serves_the_prelogits_features_and_says_it_was_finetuned(finetune
     np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], expected, atol=1e-4)
 
 
+def test_the_card_keeps_the_pretraining_run_apart_from_the_finetuning_run(
+    pretrained, finetuned, tmp_path
+):
+    out = tmp_path / "model"
+    assert simmim_cli.main(["export", str(finetuned), "--out", str(out), "--no-progress"]) == 0
+    card = json.loads((out / "model.json").read_text())
+    training, run = card["training"], card["finetuned"]["run"]
+    assert training["command"].startswith("simmim pretrain") and training["steps"] == 2
+    recipe = load_checkpoint(pretrained)["train_config"]
+    assert training["train_config"] == json.loads(json.dumps(recipe))
+    assert run["command"].startswith("simmim finetune")
+    assert run["steps"] == load_checkpoint(finetuned)["step"] and run["epochs"] == 2
+    assert run["duration_s"] > 0
+
+
 def test_resume_continues_a_finetuning_and_may_extend_it(pretrained, tmp_path):
     out = tmp_path / "ft"
     assert (

@@ -39,7 +39,7 @@ from simmim_core.preprocess import Preprocessing, preprocess
 from .checkpoint import CheckpointError, inference_model
 from .options import parse_bool
 from .projection import Projection, fit_projection, parse_projection
-from .run_folder import HelpFormatter
+from .run_folder import HelpFormatter, pretraining_info, run_info
 
 OPSETS = range(18, 24)  # what torch.onnx's dynamo exporter emits and onnxruntime runs
 # parity limits: |onnx - torch| <= ATOL * max(1, largest |torch value|), so that a projection
@@ -192,35 +192,6 @@ def quantize_int8(folder: Path, pixels: np.ndarray) -> dict:
     }
 
 
-def _run_info(checkpoint: Path, ckpt: dict) -> dict:
-    """How the checkpoint was made, from the run folder's config.json and metrics.jsonl."""
-    run = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    info = {
-        "data": ckpt.get("data"),
-        "steps": ckpt.get("step"),
-        "epochs": ckpt.get("epoch"),
-        "seed": ckpt["train_config"].get("seed"),
-        "train_config": ckpt["train_config"],
-    }
-    if (run / "config.json").is_file():
-        config = json.loads((run / "config.json").read_text())
-        info.update(
-            command=config.get("command"),
-            images=config.get("images"),
-            world_size=config.get("world_size"),
-            device=config.get("device"),
-        )
-    if (run / "metrics.jsonl").is_file():
-        done = [
-            json.loads(line)
-            for line in (run / "metrics.jsonl").read_text().splitlines()
-            if '"done"' in line
-        ]
-        if done:
-            info["duration_s"] = done[-1]["seconds"]
-    return info
-
-
 def default_domain(ckpt: dict, spec: Preprocessing) -> str:
     """One line on what images a model is for: the checkpoint's own statement (an imported run's),
     else its training data and preprocessing."""
@@ -354,8 +325,8 @@ def export_model_dir(
                 "decoder": cfg.decoder,
                 "mask_kind": cfg.mask_kind,
             },
-            "training": _run_info(checkpoint, ckpt) | _imported(ckpt),
-            "finetuned": finetune_card(ckpt),
+            "training": pretraining_info(checkpoint, ckpt) | _imported(ckpt),
+            "finetuned": finetune_card(checkpoint, ckpt),
             "export": {
                 "command": command,
                 "opset": opset,
@@ -388,14 +359,17 @@ def export_model_dir(
     return out
 
 
-def finetune_card(ckpt: dict) -> dict | None:
+def finetune_card(checkpoint: Path, ckpt: dict) -> dict | None:
     """What model.json says of a fine-tuning: None for a pretrained run; else the labels it
-    learned (data, classes), its recipe, its run and its classifier's test top-1. The served
-    embedding is the pre-logits features; the classifier head itself is not exported."""
+    learned (data, classes), its recipe, its run (steps, epochs, command, duration) and its
+    classifier's test top-1. The served embedding is the pre-logits features; the classifier
+    head itself is not exported."""
     info = ckpt.get("finetune")
     if not info:
         return None
+    run = run_info(checkpoint, ckpt)
     return {
+        "run": {k: v for k, v in run.items() if k not in ("data", "seed", "train_config")},
         "data": info["data"],
         "labels": info["labels"],
         "classes": info["classes"],

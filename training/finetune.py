@@ -39,7 +39,14 @@ from .optim import layer_decay_groups, param_groups
 from .options import add_dataclass_options, apply_overrides, given_options
 from .plots import loss_curve
 from .pretrain import write_pictures
-from .run_folder import HelpFormatter, MetricsLog, UsageError, crossed, resolve_data
+from .run_folder import (
+    HelpFormatter,
+    MetricsLog,
+    UsageError,
+    crossed,
+    pretraining_info,
+    resolve_data,
+)
 
 
 @dataclass
@@ -324,6 +331,7 @@ def _train(
         "labels": f"{data} (training split, {len(source)} images)",
         "config": cfg.to_dict(),
         "layer_decay": decay,
+        "pretraining": pretraining_info(Path(run), pretrained),
     }
     config = {
         "finetune": finetune_info,

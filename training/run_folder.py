@@ -28,6 +28,50 @@ def resolve_data(spec: str) -> str:
     return str(path.resolve())
 
 
+def run_info(checkpoint: Path, ckpt: dict) -> dict:
+    """How the checkpoint (a run folder or its checkpoint.pt) was made: its data, steps, epochs
+    and recipe, and from the run folder's config.json and metrics.jsonl, its command, images,
+    processes, device and duration."""
+    run = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    info = {
+        "data": ckpt.get("data"),
+        "steps": ckpt.get("step"),
+        "epochs": ckpt.get("epoch"),
+        "seed": ckpt["train_config"].get("seed"),
+        "train_config": ckpt["train_config"],
+    }
+    if (run / "config.json").is_file():
+        config = json.loads((run / "config.json").read_text())
+        info.update(
+            command=config.get("command"),
+            images=config.get("images"),
+            world_size=config.get("world_size"),
+            device=config.get("device"),
+        )
+    if (run / "metrics.jsonl").is_file():
+        done = [
+            json.loads(line)
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"done"' in line
+        ]
+        if done:
+            info["duration_s"] = done[-1]["seconds"]
+    return info
+
+
+def pretraining_info(checkpoint: Path, ckpt: dict) -> dict:
+    """How the checkpoint's weights were pretrained: its own run_info, or for a fine-tuned
+    checkpoint the pretraining run's, as its fine-tuning recorded it when it began (only the
+    data and recipe for a fine-tuning made before it did)."""
+    finetune = ckpt.get("finetune")
+    if not finetune:
+        return run_info(checkpoint, ckpt)
+    return finetune.get("pretraining") or {
+        "data": ckpt.get("data"),
+        "train_config": ckpt["train_config"],
+    }
+
+
 def crossed(epochs: float, every: float) -> bool:
     """True when `epochs` (just completed) is a multiple of `every` (within rounding)."""
     return abs(epochs / every - round(epochs / every)) < 1e-6
