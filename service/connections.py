@@ -272,7 +272,10 @@ class LimitedProtocol(HttpToolsProtocol):
         if self.screen is None or self.over_limit or not data.startswith(b"POST /"):
             return False
         end = data.find(b"\r\n\r\n")
-        if end < 0 or b"\n" in data[:end].replace(b"\r\n", b""):
+        if end < 0:
+            return False
+        lone = data[:end].replace(b"\r\n", b"")
+        if b"\n" in lone or b"\r" in lone:  # a bare LF or CR: the parser's to judge
             return False
         request_line, *lines = data[:end].split(b"\r\n")
         parts = request_line.split(b" ")

@@ -126,6 +126,7 @@ def test_the_connection_then_waits_for_the_next_request_under_the_head_timeout(c
         post(extra="X-Folded: a\r\n b\r\n"),  # an obsolete folded header
         post(extra="X-Spaced : a\r\n"),  # a space before the colon
         post(extra="X-Bare: a\nX-Other: b\r\n"),  # a bare line feed
+        post(extra="X-Bare: a\rb\r\n"),  # a bare carriage return
         post(path="/health/live"),  # a path the screen does not refuse
     ],
     ids=[
@@ -138,6 +139,7 @@ def test_the_connection_then_waits_for_the_next_request_under_the_head_timeout(c
         "folded",
         "spaced",
         "bare-lf",
+        "bare-cr",
         "not-refused",
     ],
 )
