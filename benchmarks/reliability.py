@@ -117,11 +117,15 @@ class Liveness(threading.Thread):
         }
 
 
+def taskset(cpus: str | None) -> list[str]:
+    """The command prefix that runs a command on `cpus` (taskset's list); none for None."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
 def loadgen(url: str, bodies: Path, *args: str, cpus: str | None = None) -> dict:
     """benchmarks.loadgen's result; on the CPUs `cpus` (taskset's list) if given."""
-    pin = ["taskset", "-c", cpus] if cpus else []
     out = subprocess.run(
-        [*pin, sys.executable, "-m", "benchmarks.loadgen", url, str(bodies), *args],
+        [*taskset(cpus), sys.executable, "-m", "benchmarks.loadgen", url, str(bodies), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -192,7 +196,7 @@ def overload(work: Path, rounds: int, seconds: float, apart: bool) -> dict:
         return {"skipped": f"{len(cpus)} CPU: no CPU to keep the load generator apart"}
     server_cpus = ",".join(map(str, cpus[:-1])) if apart else None
     client_cpus = str(cpus[-1]) if apart else None
-    prefix = ["taskset", "-c", server_cpus] if apart else []
+    prefix = taskset(server_cpus)
     with server(work, "overload", prefix=prefix) as srv, pinned({cpus[-1]} if apart else None):
         url = srv.url + "/embed"  # the /health/live prober runs here: with the clients
 

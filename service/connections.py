@@ -305,12 +305,17 @@ class LimitedProtocol(HttpToolsProtocol):
             return False
         self._head_arrived()
         self.transport.write(answer)
+        self._after_refusal()
+        return True
+
+    def _after_refusal(self) -> None:
+        """A refused request is done with: the connection waits for the next head, idle for
+        at most keep_alive_s."""
         self._await_head(self.between)
         self._unset_keepalive_if_required()
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
-        return True
 
     def on_body(self, body: bytes) -> None:
         if not (self.over_limit or self._refused):
@@ -321,10 +326,7 @@ class LimitedProtocol(HttpToolsProtocol):
             return
         if self._refused:  # its body is discarded: the connection is ready for the next
             self._refused = False
-            self._await_head(self.between)
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+            self._after_refusal()
             return
         if self._body_timer is not None:
             self._body_timer.cancel()
