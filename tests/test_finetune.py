@@ -12,7 +12,7 @@ from tiny import read_metrics, tiny_model
 
 import simmim_cli
 from simmim_core.preprocess import Preprocessing, preprocess
-from training.checkpoint import inference_model, load_checkpoint
+from training.checkpoint import inference_model, load_checkpoint, save_atomic
 from training.data import open_dataset
 from training.optim import layer_decay_groups, layer_id
 
@@ -175,6 +175,7 @@ def test_the_card_keeps_the_pretraining_run_apart_from_the_finetuning_run(
     assert run["command"].startswith("simmim finetune")
     assert run["steps"] == load_checkpoint(finetuned)["step"] and run["epochs"] == 2
     assert run["duration_s"] > 0
+    assert run["images"] == 64 and run["world_size"] == 1
 
 
 def test_resume_continues_a_finetuning_and_may_extend_it(pretrained, tmp_path):
@@ -215,6 +216,18 @@ def test_resume_continues_a_finetuning_and_may_extend_it(pretrained, tmp_path):
     assert load_checkpoint(out)["step"] == 8
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert len(steps) == len(set(steps))
+
+
+def test_a_resumed_finetuning_counts_the_time_before_its_resume(pretrained, tmp_path):
+    out = tmp_path / "ft"
+    once = ["finetune", str(pretrained), "--out", str(out), "--refit-decoder-epochs", "0", *FT]
+    assert simmim_cli.main([*once, "--epochs", "1"]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["seconds"] > 0
+    save_atomic({**ckpt, "seconds": 1000.0}, out / "checkpoint.pt")  # as if 1,000 s had passed
+    assert simmim_cli.main([*once, "--epochs", "2", "--resume"]) == 0
+    done = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert done["done"] and done["seconds"] > 1000
 
 
 def test_resume_refuses_another_recipe(pretrained, tmp_path, capsys):

@@ -252,6 +252,18 @@ def test_resume_may_extend_the_schedule_with_steps(tmp_path):
     assert load_checkpoint(out)["step"] == 3
 
 
+def test_a_resumed_run_counts_the_time_before_its_resume(tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, "--steps", "2")
+    ckpt = load_checkpoint(out)
+    assert ckpt["seconds"] > 0
+    save_atomic({**ckpt, "seconds": 1000.0}, out / "checkpoint.pt")  # as if 1,000 s had passed
+    pretrain(out, "--steps", "3", "--resume")
+    assert load_checkpoint(out)["seconds"] > 1000
+    done = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert done["done"] and done["seconds"] > 1000
+
+
 def test_resume_refuses_an_option_that_conflicts_with_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     pretrain(out, "--steps", "2", "--mask-ratio", "0.4")

@@ -28,9 +28,17 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def checkpoint_dict(
-    model, optimizer, step: int, epoch: int, train_cfg, preprocessing, data: str
+    model,
+    optimizer,
+    step: int,
+    epoch: int,
+    train_cfg,
+    preprocessing,
+    data: str,
+    seconds: float = 0.0,
 ) -> dict:
-    """What `simmim pretrain` saves: plain tensors, numbers, strings and dicts only."""
+    """What `simmim pretrain` saves: plain tensors, numbers, strings and dicts only. seconds:
+    the run's wall time so far, every resumed part included."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -41,6 +49,7 @@ def checkpoint_dict(
         "train_config": train_cfg.to_dict(),
         "preprocessing": preprocessing.to_dict(),
         "data": data,
+        "seconds": round(seconds, 1),
         "rng": {"torch": torch.get_rng_state()},
     }
 

@@ -340,6 +340,8 @@ def _train(
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "lr": lr,
+        "images": len(source),
+        "world_size": 1,
         "device": str(device),
         "command": "simmim finetune " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
@@ -359,7 +361,7 @@ def _train(
     bar = tqdm(
         total=total_steps, initial=step, disable=args.no_progress, unit="step", dynamic_ncols=True
     )
-    started = time.time()
+    started = time.time() - (resumed.get("seconds", 0.0) if resumed is not None else 0.0)
 
     def checkpoint(epoch: int, test_top1: float | None = None) -> dict:
         info = {**finetune_info, **({"test_top1": test_top1} if test_top1 is not None else {})}
@@ -375,6 +377,7 @@ def _train(
             "preprocessing": spec.to_dict(),
             "data": pretrained["data"],
             "finetune": info,
+            "seconds": round(time.time() - started, 1),
             "rng": {"torch": torch.get_rng_state()},
             **({"imported": pretrained["imported"]} if "imported" in pretrained else {}),
         }

@@ -371,12 +371,14 @@ def _train(
 
     if online is not None and step == 0:
         evaluate_online(0)
-    started = time.time()
+    started = time.time() - (ckpt.get("seconds", 0.0) if ckpt is not None else 0.0)
 
     def save(epoch: int) -> None:
         if rank == 0:
             save_atomic(
-                checkpoint_dict(model, optimizer, step, epoch, train_cfg, spec, data),
+                checkpoint_dict(
+                    model, optimizer, step, epoch, train_cfg, spec, data, time.time() - started
+                ),
                 out / "checkpoint.pt",
             )
 
