@@ -49,7 +49,7 @@ def checkpoint_dict(
         "train_config": train_cfg.to_dict(),
         "preprocessing": preprocessing.to_dict(),
         "data": data,
-        "seconds": round(seconds, 1),
+        "seconds": seconds,
         "rng": {"torch": torch.get_rng_state()},
     }
 

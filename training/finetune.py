@@ -377,7 +377,7 @@ def _train(
             "preprocessing": spec.to_dict(),
             "data": pretrained["data"],
             "finetune": info,
-            "seconds": round(time.time() - started, 1),
+            "seconds": time.time() - started,
             "rng": {"torch": torch.get_rng_state()},
             **({"imported": pretrained["imported"]} if "imported" in pretrained else {}),
         }
