@@ -361,7 +361,7 @@ def _train(
     bar = tqdm(
         total=total_steps, initial=step, disable=args.no_progress, unit="step", dynamic_ncols=True
     )
-    started = time.time() - (resumed.get("seconds", 0.0) if resumed is not None else 0.0)
+    started = time.time() - (resumed or {}).get("seconds", 0.0)  # earlier parts of a resumed run
 
     def checkpoint(epoch: int, test_top1: float | None = None) -> dict:
         info = {**finetune_info, **({"test_top1": test_top1} if test_top1 is not None else {})}

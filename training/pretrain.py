@@ -371,7 +371,7 @@ def _train(
 
     if online is not None and step == 0:
         evaluate_online(0)
-    started = time.time() - (ckpt.get("seconds", 0.0) if ckpt is not None else 0.0)
+    started = time.time() - (ckpt or {}).get("seconds", 0.0)  # earlier parts of a resumed run
 
     def save(epoch: int) -> None:
         if rank == 0:
