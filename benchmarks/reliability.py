@@ -18,6 +18,12 @@ Writes OUT/reliability.json and OUT/reliability.md (about 10 minutes here). Scen
                reported beside.
   overload_apart  the same, with the server on every CPU but the last and the load generator
                and the prober on the last, as if the clients were on another machine.
+  resend       a closed loop of 64 connections that resends each refused request at once (no
+               backoff), against one server process on every CPU but the last (the load
+               generator on the last) whose max_queue_wait_s (0.05 s) keeps refusing part of
+               it: images answered 200 and refusals per second, and the server's CPU, with
+               refusal_interval_ms 0 (every refusal at once) and the default (100), in
+               alternation, a fresh server each time.
   memory       peak memory of the process tree over its idle level: an extreme aspect ratio
                (one request of two 3,300,000 x 2 gray PNGs, 6 KB each), 16-bit PNGs (6
                concurrent requests of 4 gray 6000 x 6600 16-bit PNGs), and 40 connections that
@@ -290,6 +296,52 @@ def overload(work: Path, rounds: int, seconds: float, apart: bool) -> dict:
     }
 
 
+def resend(work: Path, rounds: int, seconds: float) -> dict:
+    """See the module docstring (resend)."""
+    files, _ = find_photos()
+    photos = [f.read_bytes() for f in files]
+    bodies = write_bodies(tiny_images(photos, 32, "L", 64), work / "small.jsonl")
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {"skipped": f"{len(cpus)} CPU: no CPU to keep the load generator apart"}
+    prefix = taskset(",".join(map(str, cpus[:-1])))
+    runs: dict[str, list[dict]] = {"0": [], "100": []}
+    for _ in range(rounds):
+        for interval in runs:
+            settings = {"max_queue_wait_s": "0.05", "refusal_interval_ms": interval}
+            with server(work, "resend", settings, prefix) as srv:
+                run = accounted(
+                    srv,
+                    srv.url + "/embed",
+                    bodies,
+                    "--concurrency",
+                    "64",
+                    "--seconds",
+                    str(seconds),
+                    "--warmup-s",
+                    "2",
+                    cpus=str(cpus[-1]),
+                )
+            runs[interval].append(
+                {
+                    "img_s": run["img_s"],
+                    "refused_s": run["statuses"].get("429", 0) / seconds,
+                    "statuses": run["statuses"],
+                    "server_cores": run["server_cpu_s"] / run["wall_s"],
+                }
+            )
+    return {
+        "runs": runs,
+        "median": {
+            interval: {
+                k: statistics.median(r[k] for r in rs)
+                for k in ("img_s", "refused_s", "server_cores")
+            }
+            for interval, rs in runs.items()
+        },
+    }
+
+
 def memory(work: Path) -> dict:
     extreme = image_png(Image.new("L", (3_300_000, 2), 128))
     deep = np.tile((np.arange(6600, dtype=np.uint32) * 9 % 65536).astype(np.uint16), (6000, 1))
@@ -529,6 +581,27 @@ def overload_rows(o: dict, where: str) -> list[tuple[str, str]]:
     ]
 
 
+def resend_rows(r: dict) -> list[tuple[str, str]]:
+    if "skipped" in r:
+        return [("64 connections resending refusals at once", f"not run: {r['skipped']}")]
+    off, on = r["median"]["0"], r["median"]["100"]
+    return [
+        (
+            "64 connections resending refusals at once, one server process: images answered "
+            "200 per second, refusal_interval_ms 0 / 100 (median of rounds)",
+            f"{off['img_s']:.0f} / {on['img_s']:.0f} (rounds "
+            + ", ".join(f"{x['img_s']:.0f}" for x in r["runs"]["0"])
+            + " / "
+            + ", ".join(f"{x['img_s']:.0f}" for x in r["runs"]["100"])
+            + ")",
+        ),
+        (
+            "the same: refusals per second, 0 / 100",
+            f"{off['refused_s']:.0f} / {on['refused_s']:.0f}",
+        ),
+    ]
+
+
 def markdown(r: dict) -> str:
     m, j, c, p, s, d = (
         r[k] for k in ("memory", "json", "connections", "port", "shutdown", "disconnect")
@@ -536,6 +609,7 @@ def markdown(r: dict) -> str:
     rows = [
         *overload_rows(r["overload"], "one small image per request, clients on the same CPUs"),
         *overload_rows(r["overload_apart"], "the load generator on a CPU of its own"),
+        *resend_rows(r["resend"]),
         (
             "2 PNGs of 3,300,000 x 2 in one request: peak memory over idle",
             f"{m['extreme_peak_over_idle_mib']['rss_mib']:.0f} MiB RSS "
@@ -587,7 +661,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON and markdown")
-    p.add_argument("--rounds", type=int, default=3, help="overload rounds (default 3)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds of overload and resend (default 3)"
+    )
     p.add_argument(
         "--seconds", type=float, default=10.0, help="each load phase's steady state (default 10)"
     )
@@ -601,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = {
         "overload": lambda: overload(work, args.rounds, args.seconds, apart=False),
         "overload_apart": lambda: overload(work, args.rounds, args.seconds, apart=True),
+        "resend": lambda: resend(work, args.rounds, args.seconds),
         "memory": lambda: memory(work),
         "json": lambda: hostile_json(work),
         "connections": lambda: connections(work),

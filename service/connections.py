@@ -19,13 +19,17 @@ cost), and the connection stays open, its body discarded. A refused request that
 in one read is answered before the HTTP parser sees it (LimitedProtocol._refused_whole). It is
 counted in simmim_requests_total and the sampled access log like the app's own answers (in
 OpenAI's error shape under /v1/), but carries no request id or trace span, and it comes before
-the API key is checked.
+the API key is checked. A keep-alive connection refused again within refusal_interval_ms of
+its previous refusal gets its answer only once the interval has passed, reading nothing
+meanwhile: a client that resends refused requests at once (a closed loop with no backoff)
+costs the server one refusal per interval and connection, not as many as it can send.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
 from http import HTTPStatus
 
@@ -119,6 +123,7 @@ def protocol_class(settings: Settings, screen: Screen | None = None) -> type[Htt
             "max_connections": connection_limit(settings.max_connections),
             "header_timeout_s": settings.header_timeout_s,
             "body_timeout_s": settings.body_timeout_s,
+            "refusal_interval_s": settings.refusal_interval_ms / 1e3,
             "screen": screen,
             "unused": {},
             "between": {},
@@ -133,6 +138,7 @@ class LimitedProtocol(HttpToolsProtocol):
     max_connections = 1000
     header_timeout_s = 10.0
     body_timeout_s = 30.0
+    refusal_interval_s = 0.1
     screen: Screen | None = None
     # connections waiting for a request head, oldest first (dicts keep insertion order):
     unused: dict[LimitedProtocol, None] = {}  # that never sent a whole request head
@@ -160,13 +166,22 @@ class LimitedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._waiting: dict | None = None  # unused or between, while waiting for a head
+        self._refused_at = -math.inf  # loop time of this connection's last refusal answer
+        self._paced: tuple[asyncio.TimerHandle, bytes] | None = None  # a refusal held back
         self.over_limit = len(self.connections) >= self.max_connections and not self._evict()
         super().connection_made(transport)
         self._await_head(self.unused)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        if self._paced is not None:
+            self._paced[0].cancel()
+            self._paced = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        self._answer_paced()
+        super().shutdown()
 
     def _evict(self) -> bool:
         """Close the oldest connection waiting for a head, to make room; False if none is."""
@@ -203,6 +218,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._cancel_timers()
         if self.transport.is_closing():
             return
+        self._answer_paced()
         if answer is not None:
             self.transport.write(answer)
         cycle = self.cycle
@@ -212,6 +228,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._answer_paced()  # (reading was paused: only bytes already received come here)
         reading_head = self._head_timer is not None
         if reading_head and self._head_bytes == 0 and self._refused_whole(data):
             return
@@ -222,6 +239,7 @@ class LimitedProtocol(HttpToolsProtocol):
                 self._end(self.HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
+        self._answer_paced()  # a pipelined request: answers keep their order
         self._head_arrived()
         if self.over_limit:
             self._end(self.TOO_MANY)
@@ -257,7 +275,7 @@ class LimitedProtocol(HttpToolsProtocol):
             return False
         self._refused = True
         if self.parser.should_keep_alive():
-            self.transport.write(answer)
+            self._answer_refusal(answer)
         else:
             self._end(answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1))
         return True
@@ -304,9 +322,32 @@ class LimitedProtocol(HttpToolsProtocol):
         if answer is None:
             return False
         self._head_arrived()
-        self.transport.write(answer)
+        self._answer_refusal(answer)
         self._after_refusal()
         return True
+
+    def _answer_refusal(self, answer: bytes) -> None:
+        """Write a refusal on this keep-alive connection: at once, or, within
+        refusal_interval_s of its previous refusal, when the interval has passed, reading
+        nothing more meanwhile."""
+        due = self._refused_at + self.refusal_interval_s
+        if due <= self.loop.time():
+            self._refused_at = self.loop.time()
+            self.transport.write(answer)
+            return
+        self.flow.pause_reading()
+        self._paced = (self.loop.call_at(due, self._answer_paced), answer)
+
+    def _answer_paced(self) -> None:
+        """Write the refusal held back, if any, now, and read again."""
+        if self._paced is None:
+            return
+        handle, answer = self._paced
+        self._paced = None
+        handle.cancel()
+        self._refused_at = self.loop.time()
+        self.transport.write(answer)
+        self.flow.resume_reading()
 
     def _after_refusal(self) -> None:
         """A refused request is done with: the connection waits for the next head, idle for

@@ -143,6 +143,15 @@ class Settings(BaseSettings):
         description="most open connections per server process (fewer if the limit on open "
         "files is lower); a connection beyond it is answered 503 and closed",
     )
+    refusal_interval_ms: float = Field(
+        100.0,
+        ge=0,
+        description="a keep-alive connection refused again (429 or 503 before its body is "
+        "read) within this many milliseconds of its previous refusal gets the answer only "
+        "once they have passed, and nothing more is read from it meanwhile: a client that "
+        "resends a refused request at once gets one refusal per interval and connection "
+        "instead of taking the server's CPU (0: every refusal at once)",
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

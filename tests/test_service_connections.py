@@ -1,6 +1,7 @@
 """The screen's fast path (connections.LimitedProtocol._refused_whole), in process: a refused
 request that arrives whole is answered without the HTTP parser; any other shape goes through
-the parser, every byte of it. Black-box behaviour under overload is in
+the parser, every byte of it. A connection refused again within refusal_interval_ms gets its
+answer once the interval has passed. Black-box behaviour under overload is in
 test_service_reliability.py."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Transport:
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.closed = False
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
@@ -47,10 +49,10 @@ class Transport:
         )
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
 
 
 class Fed:
@@ -109,9 +111,48 @@ def test_a_whole_refused_request_is_answered_without_the_parser(connection):
 def test_the_connection_then_waits_for_the_next_request_under_the_head_timeout(connection):
     protocol, transport, _ = connection
     protocol.data_received(post())
-    protocol.data_received(post())
-    assert transport.written == [REFUSAL, REFUSAL]
+    assert transport.written == [REFUSAL]
     assert protocol._head_timer is not None and protocol.timeout_keep_alive_task is not None
+
+
+def elapse(protocol, seconds: float) -> None:
+    """Run the protocol's event loop for `seconds`."""
+    protocol.loop.run_until_complete(asyncio.sleep(seconds))
+
+
+def test_a_refusal_within_the_interval_is_answered_once_it_has_passed(connection):
+    protocol, transport, _ = connection
+    protocol.data_received(post())
+    protocol.data_received(post())
+    assert transport.written == [REFUSAL] and not transport.reading
+    elapse(protocol, protocol.refusal_interval_s * 1.5)
+    assert transport.written == [REFUSAL, REFUSAL] and transport.reading
+
+
+def test_a_refusal_after_the_interval_is_answered_at_once(connection):
+    protocol, transport, _ = connection
+    protocol.data_received(post())
+    elapse(protocol, protocol.refusal_interval_s * 1.5)
+    protocol.data_received(post())
+    assert transport.written == [REFUSAL, REFUSAL] and transport.reading
+
+
+def test_held_refusals_keep_the_order_of_pipelined_requests(connection):
+    protocol, transport, _ = connection
+    protocol.data_received(post())
+    protocol.data_received(post() + post())  # through the parser: the first is held
+    assert transport.written == [REFUSAL, REFUSAL]  # the second's head sent the first's out
+    elapse(protocol, protocol.refusal_interval_s * 1.5)
+    assert transport.written == [REFUSAL] * 3 and transport.reading
+
+
+def test_a_held_refusal_is_dropped_with_its_connection(connection):
+    protocol, transport, _ = connection
+    protocol.data_received(post())
+    protocol.data_received(post())
+    protocol.connection_lost(None)
+    elapse(protocol, protocol.refusal_interval_s * 1.5)
+    assert transport.written == [REFUSAL]
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -130,6 +131,23 @@ def test_a_request_refused_whole_leaves_its_keep_alive_connection_ready_for_the_
             assert read_response(sock)[0] == 429
         sock.sendall(LIVE)
         assert read_response(sock)[0] == 200
+
+
+def test_a_connection_resending_refused_requests_gets_one_refusal_per_interval(held):
+    server, _ = held
+    interval = 0.1  # refusal_interval_ms, by default
+    with connect(server) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(head() + BODY)
+        assert read_from(stream)[0] == 429
+        started = time.monotonic()
+        for _ in range(3):
+            sock.sendall(head() + BODY)  # at once, as a closed loop with no backoff does
+            assert read_from(stream)[0] == 429
+        # the second came at once or later, the third and fourth an interval apart each
+        assert time.monotonic() - started >= 2 * interval
+        sock.sendall(LIVE)
+        assert read_from(stream)[0] == 200
 
 
 @pytest.mark.parametrize(
