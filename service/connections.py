@@ -345,6 +345,8 @@ class LimitedProtocol(HttpToolsProtocol):
         handle, answer = self._paced
         self._paced = None
         handle.cancel()
+        if self.transport.is_closing():
+            return
         self._refused_at = self.loop.time()
         self.transport.write(answer)
         self.flow.resume_reading()
