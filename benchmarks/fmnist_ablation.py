@@ -96,9 +96,12 @@ def plot(runs: Path, arms: list[str], path: Path) -> None:
         axes[1].plot(epochs, [100 * r["knn_top1_whitened"] for r in evals], "o-", label=ARMS[arm])
     axes[0].set_title("grid4 features (2048-d)")
     axes[1].set_title("grid4, PCA-whitened to 256-d (fitted on the bank)")
+    fig.suptitle(
+        "online kNN while pretraining: a 10k bank and 2k queries, both from the training split"
+    )
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.set_ylabel("online kNN top-1 (%), 10k bank / 2k queries of the training split")
+        ax.set_ylabel("online kNN top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
