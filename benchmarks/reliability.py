@@ -190,12 +190,18 @@ def accounted(srv, url: str, bodies: Path, *args: str, cpus: str | None = None) 
     return run
 
 
+def small_bodies(work: Path) -> Path:
+    """/embed bodies of one small image each (64 photographs, 32 px gray PNGs), as JSON lines
+    for the load generator."""
+    files, _ = find_photos()
+    photos = [f.read_bytes() for f in files]
+    return write_bodies(tiny_images(photos, 32, "L", 64), work / "small.jsonl")
+
+
 def overload(work: Path, rounds: int, seconds: float, apart: bool) -> dict:
     """apart: the server on all CPUs but the last, the load generator and the /health/live
     prober on the last (as if the clients were another machine); else all share every CPU."""
-    files, _ = find_photos()
-    photos = [f.read_bytes() for f in files]
-    bodies = write_bodies(tiny_images(photos, 32, "L", 64), work / "small.jsonl")
+    bodies = small_bodies(work)
     out = []
     cpus = sorted(os.sched_getaffinity(0))
     if apart and len(cpus) < 2:
@@ -298,9 +304,7 @@ def overload(work: Path, rounds: int, seconds: float, apart: bool) -> dict:
 
 def resend(work: Path, rounds: int, seconds: float) -> dict:
     """See the module docstring (resend)."""
-    files, _ = find_photos()
-    photos = [f.read_bytes() for f in files]
-    bodies = write_bodies(tiny_images(photos, 32, "L", 64), work / "small.jsonl")
+    bodies = small_bodies(work)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return {"skipped": f"{len(cpus)} CPU: no CPU to keep the load generator apart"}
