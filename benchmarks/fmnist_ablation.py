@@ -5,20 +5,24 @@ perceptual and contrastive terms, the same schedule, features and evaluation for
         --out benchmarks/results/fmnist_ablation
 
 Each arm is `simmim pretrain --preset vit-tiny-fmnist --epochs E --warmup-epochs 1
---sim-loss ARM --sim-lambda 1 --eval-every 1` (resumed if it was interrupted, skipped if done),
-then `simmim evaluate` on the full splits (kNN k=20 over the 60k training images, the 10k test
-images scored; linear probe) for three feature options, the raw-pixel baseline beside them under
-the same projection. Writes table.md, results.json and knn_by_epoch.png (online kNN after every
-epoch, from each run's metrics.jsonl). About 1 h (plain) to 3 h (each similarity arm) of two
-CPU cores per 16 epochs.
+--sim-loss ARM --sim-lambda 1 --eval-every 1` (resumed if it was interrupted, skipped if done;
+`--jobs N` trains N at a time). Once every arm is trained, `simmim evaluate` scores each on the
+full splits (kNN k=20 over the 60k training images, the 10k test images scored; linear probe)
+for three feature options, the raw-pixel baseline beside them under the same projection.
+Writes table.md, results.json and knn_by_epoch.png (online kNN after every epoch, from each
+run's metrics.jsonl). About 1 h (plain) to 3 h (each similarity arm) of two CPU cores per 16
+epochs (`python -m benchmarks.train_step` times each arm's steps, one at a time and side by
+side).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ARMS = {
@@ -47,33 +51,42 @@ def metrics_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def pretrain_arm(arm: str, run: Path, epochs: float) -> None:
-    if any(r.get("done") for r in metrics_rows(run)):
-        return
+def finished(run: Path) -> bool:
+    return any(r.get("done") for r in metrics_rows(run))
+
+
+def pretrain_arm(arm: str, run: Path, epochs: float, threads: int | None = None) -> None:
+    """Train (or resume) one arm; with `threads`, on that many intra-op threads, its output
+    appended to RUN/pretrain.log."""
     resume = ["--resume"] if (run / "checkpoint.pt").exists() else []
-    simmim(
-        "pretrain",
-        "--preset",
-        "vit-tiny-fmnist",
-        "--data",
-        "fashion-mnist",
-        "--out",
-        str(run),
-        "--epochs",
-        str(epochs),
-        "--warmup-epochs",
-        "1",
-        "--sim-loss",
-        arm,
-        "--sim-lambda",
-        "1",
-        "--eval-every",
-        "1",
-        "--workers",
-        "1",
-        "--no-progress",
-        *resume,
+    cmd = [sys.executable, "-m", "simmim_cli", "pretrain", "--preset", "vit-tiny-fmnist"]
+    cmd += ["--data", "fashion-mnist", "--out", str(run), "--epochs", str(epochs)]
+    cmd += ["--warmup-epochs", "1", "--sim-loss", arm, "--sim-lambda", "1", "--eval-every", "1"]
+    cmd += ["--workers", "1", "--no-progress", *resume]
+    if threads is None:
+        subprocess.run(cmd, check=True)
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "pretrain.log", "a") as log:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def pretrain_arms(arms: list[str], runs: Path, epochs: float, jobs: int) -> None:
+    """Train the unfinished arms, `jobs` at a time, each on its share of the CPUs."""
+    pending = [arm for arm in arms if not finished(runs / arm)]
+    if jobs == 1:
+        for arm in pending:
+            pretrain_arm(arm, runs / arm, epochs)
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    print(
+        f"training {', '.join(pending)}, {jobs} at a time on {threads} thread(s) each; "
+        f"their output: {runs}/ARM/pretrain.log",
+        flush=True,
     )
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda arm: pretrain_arm(arm, runs / arm, epochs, threads), pending))
 
 
 def evaluated(out: Path, *args: str) -> dict:
@@ -141,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         help="report the runs as they are (partial curves; no final evaluation of an "
         "unfinished arm)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="unfinished arms trained at once, each on its share of the CPUs as torch threads "
+        "and with its output in RUNS/ARM/pretrain.log (benchmarks.train_step measures whether "
+        "that beats one arm at a time on every CPU); all are trained before any is evaluated",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     evals = args.runs / "eval"
@@ -150,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     results["pixels"]["whiten256"] = evaluated(
         evals / "pixels_whiten256.json", "--pixels", "--project", "pca-whiten:256"
     )
+    if not args.no_train:
+        pretrain_arms(args.arms, args.runs, args.epochs, args.jobs)
     for arm in args.arms:
         run = args.runs / arm
-        if not args.no_train:
-            pretrain_arm(arm, run, args.epochs)
         done = [r for r in metrics_rows(run) if r.get("done")]
         entry = {
             "online": [r for r in metrics_rows(run) if "knn_top1" in r],

@@ -142,3 +142,47 @@ def test_retrieval_benchmark_smoke_run_writes_json_and_markdown(tmp_path):
     assert [t["needed"] for t in r["targets"]] == [0.8, 0.95]
     text = (out / "results.md").read_text()
     assert "## Targets" in text and "recall@10" in text
+
+
+@pytest.mark.slow
+def test_the_training_step_benchmark_times_each_arm_in_both_layouts(tmp_path):
+    out = tmp_path / "train_step"
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--out", str(out)]
+    cmd += ["--arms", "none", "perceptual", "--seconds", "0.1", "--rounds", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    for arm in ("none", "perceptual"):
+        for layout in ("one_process", "side_by_side"):
+            assert r["median_img_s"][arm][layout] > 0
+    assert "| perceptual |" in (out / "table.md").read_text()
+
+
+def write_idx(path, array) -> None:
+    """`array` (uint8) in the idx format Fashion-MNIST ships in."""
+    dims = b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(bytes([0, 0, 8, array.ndim]) + dims + array.tobytes())
+
+
+@pytest.mark.slow
+def test_the_ablation_trains_unfinished_arms_side_by_side_each_logging_to_its_run(
+    tmp_path, monkeypatch
+):
+    import numpy as np
+
+    from benchmarks.fmnist_ablation import finished, pretrain_arms
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 600), ("t10k", 100)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), "u1"))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n, "u1"))
+    monkeypatch.setenv("SIMMIM_FMNIST_DIR", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    runs = tmp_path / "runs"
+    pretrain_arms(["none", "cosine"], runs, epochs=1, jobs=2)
+    for arm in ("none", "cosine"):
+        assert finished(runs / arm)
+        assert "pretraining vit_tiny" in (runs / arm / "pretrain.log").read_text()
+    logged = (runs / "none" / "pretrain.log").stat().st_mtime
+    pretrain_arms(["none"], runs, epochs=1, jobs=2)  # finished: not trained again
+    assert (runs / "none" / "pretrain.log").stat().st_mtime == logged
