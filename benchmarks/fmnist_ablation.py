@@ -73,9 +73,11 @@ def pretrain_arm(arm: str, run: Path, epochs: float, threads: int | None = None)
 
 
 def pretrain_arms(arms: list[str], runs: Path, epochs: float, jobs: int) -> None:
-    """Train the unfinished arms, `jobs` at a time, each on its share of the CPUs."""
+    """Train the unfinished arms, `jobs` at a time, each on its share of the CPUs (an arm left
+    alone keeps its share: run again, it resumes on every CPU)."""
     pending = [arm for arm in arms if not finished(runs / arm)]
-    if jobs == 1:
+    jobs = min(jobs, len(pending))
+    if jobs <= 1:
         for arm in pending:
             pretrain_arm(arm, runs / arm, epochs)
         return
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="unfinished arms trained at once, each on its share of the CPUs as torch threads "
         "and with its output in RUNS/ARM/pretrain.log (benchmarks.train_step measures whether "
-        "that beats one arm at a time on every CPU); all are trained before any is evaluated",
+        "that beats one arm at a time on every CPU; an arm left alone keeps its share until "
+        "the benchmark is run again); all are trained before any is evaluated",
     )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
