@@ -163,6 +163,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._refused = False  # the current request was refused by the screen: skip its body
+        self._body_done = True  # the current request's body has been read (or there is none)
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._waiting: dict | None = None  # unused or between, while waiting for a head
@@ -241,6 +242,7 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._answer_paced()  # a pipelined request: answers keep their order
         self._head_arrived()
+        self._body_done = False
         if self.over_limit:
             self._end(self.TOO_MANY)
             return
@@ -374,9 +376,18 @@ class LimitedProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        self._body_done = True
         super().on_message_complete()
+        self._await_next()  # if it was answered before its body ended (a 413 by its length)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and not self.pipeline:
+        self._await_next()
+
+    def _await_next(self) -> None:
+        """Once the latest request is answered and its body read (nothing pipelined behind
+        it), the next head may start: until then its bytes are body, not head."""
+        if self.transport.is_closing() or self.pipeline or self.cycle is None:
+            return
+        if self.cycle.response_complete and self._body_done:
             self._await_head(self.between)

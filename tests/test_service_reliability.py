@@ -211,6 +211,21 @@ def test_bodies_beyond_the_bytes_in_flight_get_429_at_once(tmp_path):
 
 
 # --- connections ------------------------------------------------------------------------------
+def test_a_body_answered_before_it_ends_is_read_as_body_and_the_connection_serves_the_next(
+    tmp_path,
+):
+    env = {"SIMMIM_MAX_REQUEST_BYTES": "100000"}
+    with ServerProcess(MODEL_DIR, tmp_path, env=env, dummy=True, api_key=None) as server:
+        server.wait_ready()
+        with connect(server) as sock:
+            stream = sock.makefile("rb")
+            sock.sendall(head(length=300_000))
+            assert read_from(stream)[0] == 413  # by its Content-Length, before its body
+            sock.sendall(b"x" * 300_000)  # over the head size limit: still this request's body
+            sock.sendall(head() + BODY)
+            assert read_from(stream)[0] == 200
+
+
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_is_closed(tmp_path):
     env = {"SIMMIM_BODY_TIMEOUT_S": "1"}
     with ServerProcess(MODEL_DIR, tmp_path, env=env, dummy=True, api_key=None) as server:
