@@ -156,7 +156,8 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="a connection that has not sent a complete request head this many "
-        "seconds after it opened, or after its previous response, is closed",
+        "seconds after it opened, or after its previous response and the end of that "
+        "request's body, is closed",
     )
     keep_alive_s: float = Field(
         5.0,
