@@ -369,6 +369,7 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self.over_limit:
             return
+        self._body_done = True
         if self._refused:  # its body is discarded: the connection is ready for the next
             self._refused = False
             self._after_refusal()
@@ -376,7 +377,6 @@ class LimitedProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
-        self._body_done = True
         super().on_message_complete()
         self._await_next()  # if it was answered before its body ended (a 413 by its length)
 
