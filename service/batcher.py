@@ -91,8 +91,9 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._batches = 0  # model calls so far
         self._item_s = item_s  # moving average of model seconds per item
-        self._busy_rate = 0.0  # moving average of items started per second while backlogged
+        self._busy_rate = 0.0  # moving average of items run per second while no worker idled
         self._last_start: float | None = None  # when the last batch started (loop time)
+        self._last_size = 0  # and its live items
         self.recent_wait_s = 0.0  # moving average of the longest queue wait in each batch
         self._closing = False
         self.dead: str | None = None  # why the batcher died
@@ -108,9 +109,9 @@ class Batcher:
 
     def expected_wait_s(self, extra: int = 0) -> float:
         """Seconds until the items pending now, and `extra` more, have probably been run: the
-        items over the rate at which batches were started while items were left waiting (what
-        the process really gets through, event loop and all), or until there was such a
-        backlog, over the model time per item and worker."""
+        items over the rate at which the process got through them while its workers found items
+        waiting each time they were free (what it really gets through, event loop and all), or,
+        until it has been that busy, over the model time per item and worker."""
         items = len(self._items) + extra
         if self._busy_rate:
             return items / self._busy_rate
@@ -223,17 +224,17 @@ class Batcher:
 
         while not self.dead:
             await free.acquire()
-            if (batch := await self._next_batch()) is None:
+            if (formed := await self._next_batch()) is None:
                 break
-            task = asyncio.get_running_loop().create_task(self._guarded_run(batch))
+            task = asyncio.get_running_loop().create_task(self._guarded_run(*formed))
             running.add(task)
             task.add_done_callback(finished)
         if running:
             await asyncio.wait(running)
 
-    async def _guarded_run(self, batch: list[Item]) -> None:
+    async def _guarded_run(self, batch: list[Item], busy: bool) -> None:
         try:
-            await self._run_batch(batch)
+            await self._run_batch(batch, busy)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not strand the waiting requests
@@ -242,12 +243,14 @@ class Batcher:
         except BaseException as e:  # SystemExit, KeyboardInterrupt...: the worker is gone
             self._die(f"a model call raised {type(e).__name__}", e)
 
-    async def _next_batch(self) -> list[Item] | None:
+    async def _next_batch(self) -> tuple[list[Item], bool] | None:
         """Up to max_batch_size live items, once the batch is full, the oldest has waited
-        max_wait_s, no more items are coming, or the batcher is closing; None when closing and
-        nothing is left."""
+        max_wait_s, no more items are coming, or the batcher is closing, and whether an item
+        was waiting when the worker came for it (False: the worker idled); None when closing
+        and nothing is left."""
         loop = asyncio.get_running_loop()
         batch: list[Item] = []
+        busy = True
         while True:
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()
@@ -257,19 +260,23 @@ class Batcher:
                     batch.append(item)
             self._metrics.queue_depth.set(len(self._queue) + len(batch))
             if len(batch) == self.max_batch_size or self._closing:
-                return batch or None
+                return (batch, busy) if batch else None
             timeout = None
             if batch:
                 timeout = batch[0].admitted + self.max_wait_s - loop.time()
                 if timeout <= 0 or (self._coming is not None and not self._coming()):
-                    return batch
+                    return batch, busy
+            else:
+                busy = False
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), timeout)
             except asyncio.TimeoutError:
-                return batch
+                return batch, busy
 
-    async def _run_batch(self, batch: list[Item]) -> None:
+    async def _run_batch(self, batch: list[Item], busy: bool) -> None:
+        """Run `batch` on a worker; busy: its worker found it waiting (no idle time since the
+        previous batch started, so that interval measures the capacity)."""
         live = [item for item in batch if not item.future.done()]
         self._metrics.dropped.inc(len(batch) - len(live))
         if not live:
@@ -282,10 +289,10 @@ class Batcher:
             item.wait_s, item.batch = start - item.admitted, self._batches
             self._metrics.queue_wait.observe(item.wait_s)
         self.recent_wait_s += (live[0].wait_s - self.recent_wait_s) * RECENT
-        if self._queue and self._last_start is not None and start > self._last_start:
-            rate = len(live) / (start - self._last_start)  # backlogged: this is the capacity
+        if busy and self._last_start is not None and start > self._last_start:
+            rate = self._last_size / (start - self._last_start)  # the previous batch's items
             self._busy_rate += (rate - self._busy_rate) * (RECENT if self._busy_rate else 1)
-        self._last_start = start
+        self._last_start, self._last_size = start, len(live)
         self._metrics.batch_size.observe(len(live))
         self._metrics.running.inc(len(live))
         call = self._call

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -345,3 +346,35 @@ def test_the_expected_wait_counts_the_items_and_follows_the_measured_model_time(
 
     ten, twenty = run(test, model, workers=2, pool_threads=2, item_s=100.0)
     assert 0 < ten < 10 * 100 / 2 and twenty == pytest.approx(2 * ten)
+
+
+class SlowModel(FakeModel):
+    """FakeModel that sleeps `item_s` per input, and records the seconds it took per input."""
+
+    def __init__(self, item_s: float):
+        super().__init__()
+        self.item_s, self.seconds, self.items = item_s, 0.0, 0
+
+    def __call__(self, inputs: list) -> list:
+        start = time.perf_counter()
+        time.sleep(self.item_s * len(inputs))
+        self.seconds += time.perf_counter() - start
+        self.items += len(inputs)
+        return super().__call__(inputs)
+
+
+def test_the_capacity_estimate_leaves_out_the_time_its_worker_idled():
+    """A burst after an idle gap is not read as a slow model. Counting the gap would set the
+    rate to the burst's first batch over the gap, and the admission would then refuse nearly
+    everything (no backlog could form to correct it)."""
+    model = SlowModel(0.01)
+
+    async def test(batcher, metrics):
+        await batcher.submit([0], 10)  # one batch, then the worker waits for work
+        await asyncio.sleep(1.0)
+        await asyncio.gather(*(batcher.submit([i], 10) for i in range(12)))  # 3 full batches
+        return batcher.expected_wait_s(100)
+
+    wait = run(test, model, max_batch_size=4)
+    model_s = 100 * model.seconds / model.items  # what 100 items cost the model
+    assert 0.9 * model_s <= wait < 1.5 * model_s
