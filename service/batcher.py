@@ -91,9 +91,10 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._batches = 0  # model calls so far
         self._item_s = item_s  # moving average of model seconds per item
-        self._busy_rate = 0.0  # moving average of items run per second while no worker idled
-        self._last_start: float | None = None  # when the last batch started (loop time)
-        self._last_size = 0  # and its live items
+        # batches whose worker went straight on to the next: their items and the seconds from
+        # their start to the next one's, each sum decayed by RECENT a batch (items per worker
+        # second: times the workers, the capacity)
+        self._busy_items = self._busy_s = 0.0
         self.recent_wait_s = 0.0  # moving average of the longest queue wait in each batch
         self._closing = False
         self.dead: str | None = None  # why the batcher died
@@ -109,12 +110,12 @@ class Batcher:
 
     def expected_wait_s(self, extra: int = 0) -> float:
         """Seconds until the items pending now, and `extra` more, have probably been run: the
-        items over the rate at which the process got through them while its workers found items
-        waiting each time they were free (what it really gets through, event loop and all), or,
-        until it has been that busy, over the model time per item and worker."""
+        items over the rate at which the workers got through them while each found items
+        waiting when it was free (what the process really gets through, event loop and all),
+        or, until they have been that busy, over the model time per item and worker."""
         items = len(self._items) + extra
-        if self._busy_rate:
-            return items / self._busy_rate
+        if self._busy_items:
+            return items * self._busy_s / (self._busy_items * self.workers)
         return items * self._item_s / self.workers
 
     def retry_after(self) -> int:
@@ -217,24 +218,33 @@ class Batcher:
         """Form a batch whenever a worker is free; on closing, wait for the running ones."""
         free = asyncio.Semaphore(self.workers)
         running: set[asyncio.Task] = set()
+        ran: deque[tuple[float, int] | None] = deque()  # each freed worker's last batch
 
         def finished(task: asyncio.Task) -> None:
+            """Free the worker; keep what its batch took if items are waiting for it."""
             running.discard(task)
+            ran.append(task.result() if self._queue and not task.cancelled() else None)
             free.release()
 
         while not self.dead:
             await free.acquire()
+            last = ran.popleft() if ran else None  # this worker's last batch
             if (formed := await self._next_batch()) is None:
                 break
-            task = asyncio.get_running_loop().create_task(self._guarded_run(*formed))
+            batch, busy = formed
+            task = asyncio.get_running_loop().create_task(
+                self._guarded_run(batch, last if busy else None)
+            )
             running.add(task)
             task.add_done_callback(finished)
         if running:
             await asyncio.wait(running)
 
-    async def _guarded_run(self, batch: list[Item], busy: bool) -> None:
+    async def _guarded_run(
+        self, batch: list[Item], last: tuple[float, int] | None
+    ) -> tuple[float, int] | None:
         try:
-            await self._run_batch(batch, busy)
+            return await self._run_batch(batch, last)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not strand the waiting requests
@@ -274,13 +284,16 @@ class Batcher:
             except asyncio.TimeoutError:
                 return batch, busy
 
-    async def _run_batch(self, batch: list[Item], busy: bool) -> None:
-        """Run `batch` on a worker; busy: its worker found it waiting (no idle time since the
-        previous batch started, so that interval measures the capacity)."""
+    async def _run_batch(
+        self, batch: list[Item], last: tuple[float, int] | None
+    ) -> tuple[float, int] | None:
+        """Run `batch` on a worker -> (its start, its live items), None if none was live.
+        last: the (start, items) of the batch this worker ran before, if it went straight on
+        to this one (it found items waiting): a measure of the capacity."""
         live = [item for item in batch if not item.future.done()]
         self._metrics.dropped.inc(len(batch) - len(live))
         if not live:
-            return
+            return None
         self._metrics.queue_depth.set(len(self._queue))
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -289,10 +302,9 @@ class Batcher:
             item.wait_s, item.batch = start - item.admitted, self._batches
             self._metrics.queue_wait.observe(item.wait_s)
         self.recent_wait_s += (live[0].wait_s - self.recent_wait_s) * RECENT
-        if busy and self._last_start is not None and start > self._last_start:
-            rate = self._last_size / (start - self._last_start)  # the previous batch's items
-            self._busy_rate += (rate - self._busy_rate) * (RECENT if self._busy_rate else 1)
-        self._last_start, self._last_size = start, len(live)
+        if last is not None:
+            self._busy_items = self._busy_items * (1 - RECENT) + last[1]
+            self._busy_s = self._busy_s * (1 - RECENT) + (start - last[0])
         self._metrics.batch_size.observe(len(live))
         self._metrics.running.inc(len(live))
         call = self._call
@@ -306,7 +318,7 @@ class Batcher:
             log.exception("%s: model call failed for a batch of %d", self.name, len(live))
             self._metrics.failed_batches.inc()
             self._fail(live)
-            return
+            return None
         finally:
             self._metrics.running.dec(len(live))
         self._item_s += (seconds / len(live) - self._item_s) / min(self._batches, 20)
@@ -316,6 +328,7 @@ class Batcher:
             item.batch_s = seconds
             if not item.future.done():
                 item.future.set_result(output)
+        return start, len(live)
 
     def _call(self, inputs: list) -> tuple[Sequence, float]:
         """On the worker thread: the model call and its duration in seconds."""

@@ -363,18 +363,20 @@ class SlowModel(FakeModel):
         return super().__call__(inputs)
 
 
-def test_the_capacity_estimate_leaves_out_the_time_its_worker_idled():
-    """A burst after an idle gap is not read as a slow model. Counting the gap would set the
-    rate to the burst's first batch over the gap, and the admission would then refuse nearly
-    everything (no backlog could form to correct it)."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_capacity_estimate_leaves_out_the_time_its_workers_idled(workers):
+    """A burst after an idle spell is not read as a slow model. Counting the spell would set the
+    rate to the burst's first batch over it, and the admission would then refuse nearly
+    everything (no backlog could form to correct it). With two workers, batches that start
+    together do not read as an instant one."""
     model = SlowModel(0.01)
 
     async def test(batcher, metrics):
-        await batcher.submit([0], 10)  # one batch, then the worker waits for work
+        await batcher.submit([0], 10)  # one batch, then the workers wait for work
         await asyncio.sleep(1.0)
-        await asyncio.gather(*(batcher.submit([i], 10) for i in range(12)))  # 3 full batches
+        await asyncio.gather(*(batcher.submit([i], 10) for i in range(24)))  # 6 full batches
         return batcher.expected_wait_s(100)
 
-    wait = run(test, model, max_batch_size=4)
-    model_s = 100 * model.seconds / model.items  # what 100 items cost the model
+    wait = run(test, model, max_batch_size=4, max_queue=32, workers=workers, pool_threads=workers)
+    model_s = 100 * model.seconds / model.items / workers  # 100 items on every worker at once
     assert 0.9 * model_s <= wait < 1.5 * model_s
