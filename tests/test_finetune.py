@@ -178,6 +178,22 @@ def test_the_card_keeps_the_pretraining_run_apart_from_the_finetuning_run(
     assert run["images"] == 64 and run["world_size"] == 1
 
 
+def test_bf16_finetuning_on_a_cpu_computes_in_bf16_and_keeps_float32_weights(pretrained, tmp_path):
+    def losses(amp: str) -> list[float]:
+        out = tmp_path / amp
+        once = ["finetune", str(pretrained), "--out", str(out), "--epochs", "1", "--amp", amp]
+        assert simmim_cli.main([*once, "--refit-decoder-epochs", "0", "--log-every", "1", *FT]) == 0
+        ckpt = load_checkpoint(out)
+        assert ckpt["finetune"]["config"]["amp"] == amp
+        assert {t.dtype for t in ckpt["model"].values() if t.is_floating_point()} == {torch.float32}
+        return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+    off, bf16 = losses("off"), losses("bf16")
+    assert all(np.isfinite(bf16)) and len(bf16) == len(off) == 4
+    assert bf16[0] == off[0]  # a zero-initialised head: chance, ln 3, either way
+    assert bf16[1:] != off[1:]  # the same seed and batches: only the precision differs
+
+
 def test_resume_continues_a_finetuning_and_may_extend_it(pretrained, tmp_path):
     out = tmp_path / "ft"
     assert (
