@@ -10,9 +10,11 @@ Each arm is `simmim pretrain --preset vit-tiny-fmnist --epochs E --warmup-epochs
 full splits (kNN k=20 over the 60k training images, the 10k test images scored; linear probe)
 for three feature options, the raw-pixel baseline beside them under the same projection.
 Writes table.md, results.json and knn_by_epoch.png (online kNN after every epoch, from each
-run's metrics.jsonl). About 1 h (plain) to 3 h (each similarity arm) of two CPU cores per 16
-epochs (`python -m benchmarks.train_step` times each arm's steps, one at a time and side by
-side).
+run's metrics.jsonl). The arms already in OUT/results.json that `--arms` does not name are kept
+as they are, so arms trained in different sessions (or on different machines: each records its
+CPU) end in one table and one plot. Per 16 epochs alone on the two cores of an Intel Xeon with
+AVX-512 and AMX: 32 min (plain) and 64 min (perceptual); `python -m benchmarks.train_step`
+times each arm's steps, one at a time and side by side.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .run import machine_info
 
 ARMS = {
     "none": "plain SimMIM",
@@ -97,15 +101,29 @@ def evaluated(out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def plot(runs: Path, arms: list[str], path: Path) -> None:
+def kept_arms(path: Path, epochs: float, arms: list[str]) -> dict:
+    """The arms of an earlier results.json at `path` that `arms` does not name (none if there
+    is no such file). Raises SystemExit if that file compared another number of epochs."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous["epochs"] != epochs:
+        raise SystemExit(
+            f"{path} holds {previous['epochs']:g}-epoch arms, not {epochs:g}: "
+            "give --epochs the same value or another --out"
+        )
+    return {arm: entry for arm, entry in previous["arms"].items() if arm not in arms}
+
+
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for arm in arms:
-        evals = [r for r in metrics_rows(runs / arm) if "knn_top1" in r]
+    for arm, entry in results["arms"].items():
+        evals = entry["online"]
         epochs = [r["epoch"] for r in evals]
         axes[0].plot(epochs, [100 * r["knn_top1"] for r in evals], "o-", label=ARMS[arm])
         axes[1].plot(epochs, [100 * r["knn_top1_whitened"] for r in evals], "o-", label=ARMS[arm])
@@ -136,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=list(ARMS),
         choices=list(ARMS),
-        help="similarity terms to compare (none: plain SimMIM)",
+        help="similarity terms to train and evaluate (none: plain SimMIM); the other arms of "
+        "OUT/results.json are kept",
     )
     p.add_argument(
         "--runs",
@@ -169,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     evals = args.runs / "eval"
     evals.mkdir(parents=True, exist_ok=True)
+    kept = kept_arms(args.out / "results.json", args.epochs, args.arms)
     results: dict = {"epochs": args.epochs, "arms": {}, "pixels": {}}
     results["pixels"]["raw"] = evaluated(evals / "pixels.json", "--pixels")
     results["pixels"]["whiten256"] = evaluated(
@@ -176,20 +196,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_train:
         pretrain_arms(args.arms, args.runs, args.epochs, args.jobs)
+    fresh = {}
     for arm in args.arms:
         run = args.runs / arm
         done = [r for r in metrics_rows(run) if r.get("done")]
         entry = {
             "online": [r for r in metrics_rows(run) if "knn_top1" in r],
             "seconds": done[-1]["seconds"] if done else None,
+            "cpu": machine_info("cpu")["cpu_model"],  # train s compare on one CPU only
         }
         if done:
             entry["test"] = {
                 name: evaluated(evals / f"{arm}_{name}.json", "--checkpoint", str(run), *opts)
                 for name, (_, opts) in FEATURES.items()
             }
-        results["arms"][arm] = entry
-    plot(args.runs, args.arms, args.out / "knn_by_epoch.png")
+        fresh[arm] = entry
+    merged = {**kept, **fresh}
+    results["arms"] = {arm: merged[arm] for arm in ARMS if arm in merged}
+    plot(results, args.out / "knn_by_epoch.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "table.md").write_text(table(results) + "\n")
     print(table(results))
@@ -200,9 +224,9 @@ def table(results: dict) -> str:
     head = (
         "| features | "
         + " | ".join(f"{label}: kNN / probe" for label, _ in FEATURES.values())
-        + " | train s |"
+        + " | train s | CPU |"
     )
-    lines = [head, "|---|" + "---|" * (len(FEATURES) + 1)]
+    lines = [head, "|---|" + "---|" * (len(FEATURES) + 2)]
     px = results["pixels"]
 
     def cell(e: dict | None) -> str:
@@ -211,13 +235,17 @@ def table(results: dict) -> str:
         probe = e.get("linear_probe_top1")
         return f"{e['knn_top1']:.2%} / {probe:.2%}" if probe is not None else f"{e['knn_top1']:.2%}"
 
-    lines.append(f"| raw pixels (1024-d) | {cell(px['raw'])} | {cell(px['whiten256'])} | - | - |")
+    lines.append(
+        f"| raw pixels (1024-d) | {cell(px['raw'])} | {cell(px['whiten256'])} | - | - | - |"
+    )
     for arm, entry in results["arms"].items():
         test = entry.get("test", {})
         label = f"{ARMS[arm]}, {results['epochs']:g} ep" + ("" if test else " (unfinished)")
         seconds = f"{entry['seconds']:.0f}" if entry["seconds"] else "-"
         lines.append(
-            f"| {label} | " + " | ".join(cell(test.get(k)) for k in FEATURES) + f" | {seconds} |"
+            f"| {label} | "
+            + " | ".join(cell(test.get(k)) for k in FEATURES)
+            + f" | {seconds} | {entry.get('cpu', 'not recorded')} |"
         )
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from .run import machine_info
 from .servers import ROOT
 
 ARMS = ("none", "cosine", "perceptual", "contrastive")
@@ -108,6 +109,7 @@ def measure(arms: list[str], seconds: float, rounds: int) -> dict:
                 print(arm, name, f"{runs[arm][name][-1]:.1f} img/s", flush=True)
     return {
         "cpus": cpus,
+        "cpu_model": machine_info("cpu")["cpu_model"],
         "layouts": {k: {"processes": p, "threads": t} for k, (p, t) in layouts.items()},
         "seconds": seconds,
         "rounds": rounds,
@@ -121,6 +123,8 @@ def measure(arms: list[str], seconds: float, rounds: int) -> dict:
 def markdown(r: dict) -> str:
     n = r["cpus"]
     lines = [
+        f"On {r.get('cpu_model', 'a CPU not recorded')}, {n} cores:",
+        "",
         f"| arm | one process, {n} threads: img/s | {n} processes of 1 thread at once: img/s "
         "(sum) | side by side / one process | hours for 16 epochs of 60k images, one process |",
         "|---|---|---|---|---|",

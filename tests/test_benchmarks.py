@@ -186,3 +186,22 @@ def test_the_ablation_trains_unfinished_arms_side_by_side_each_logging_to_its_ru
     logged = (runs / "none" / "pretrain.log").stat().st_mtime
     pretrain_arms(["none"], runs, epochs=1, jobs=2)  # finished: not trained again
     assert (runs / "none" / "pretrain.log").stat().st_mtime == logged
+
+
+def test_the_ablation_keeps_the_arms_of_its_earlier_results_that_it_does_not_retrain(tmp_path):
+    from benchmarks.fmnist_ablation import kept_arms
+
+    path = tmp_path / "results.json"
+    arms = {arm: {"online": [], "seconds": 1.0} for arm in ("none", "cosine")}
+    path.write_text(json.dumps({"epochs": 16, "arms": arms, "pixels": {}}))
+    assert kept_arms(path, 16, ["cosine", "perceptual"]) == {"none": arms["none"]}
+    assert kept_arms(tmp_path / "absent.json", 16, ["none"]) == {}
+
+
+def test_the_ablation_refuses_to_merge_arms_trained_for_another_number_of_epochs(tmp_path):
+    from benchmarks.fmnist_ablation import kept_arms
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"epochs": 16, "arms": {}, "pixels": {}}))
+    with pytest.raises(SystemExit, match="16-epoch arms, not 8"):
+        kept_arms(path, 8, ["none"])
