@@ -144,3 +144,13 @@ def test_help_shows_the_presets_values_and_every_pooling(capsys, monkeypatch):
     assert "(default: None)" not in text
     assert "[preset: vit-tiny-fmnist 256; vit-base-224 128; swin-base-192 128]" in text
     assert "gridK" in text
+
+
+def test_the_tiny_preset_pretrains_with_the_contrastive_term_and_the_papers_presets_without(
+    capsys, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        simmim_cli.main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[preset: vit-tiny-fmnist contrastive; vit-base-224 none; swin-base-192 none]" in text
