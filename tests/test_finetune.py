@@ -192,9 +192,8 @@ def test_bf16_finetuning_on_a_cpu_computes_in_bf16_and_keeps_float32_weights(pre
     off, bf16 = losses("off"), losses("bf16")
     assert all(np.isfinite(bf16)) and len(bf16) == len(off) == 4
     # MAE's head init (std 2e-5): near-zero logits, so chance, ln 3, in either precision
-    assert bf16[0] == pytest.approx(math.log(3), abs=1e-4) and off[0] == pytest.approx(
-        math.log(3), abs=1e-4
-    )
+    chance = pytest.approx(math.log(3), abs=1e-4)
+    assert bf16[0] == chance and off[0] == chance
     assert bf16[1:] != off[1:]  # the same seed and batches: only the precision differs
 
 

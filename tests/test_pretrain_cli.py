@@ -136,11 +136,16 @@ def test_pretrain_without_torch_says_what_to_install():
     )
 
 
-def test_help_shows_the_presets_values_and_every_pooling(capsys, monkeypatch):
+def pretrain_help(capsys, monkeypatch) -> str:
+    """`simmim pretrain --help`, its whitespace collapsed."""
     monkeypatch.setenv("COLUMNS", "400")  # no line wrapping inside the values
     with pytest.raises(SystemExit):
         simmim_cli.main(["pretrain", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_shows_the_presets_values_and_every_pooling(capsys, monkeypatch):
+    text = pretrain_help(capsys, monkeypatch)
     assert "(default: None)" not in text
     assert "[preset: vit-tiny-fmnist 256; vit-base-224 128; swin-base-192 128]" in text
     assert "gridK" in text
@@ -149,8 +154,5 @@ def test_help_shows_the_presets_values_and_every_pooling(capsys, monkeypatch):
 def test_the_tiny_preset_pretrains_with_the_contrastive_term_and_the_papers_presets_without(
     capsys, monkeypatch
 ):
-    monkeypatch.setenv("COLUMNS", "400")
-    with pytest.raises(SystemExit):
-        simmim_cli.main(["pretrain", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
+    text = pretrain_help(capsys, monkeypatch)
     assert "[preset: vit-tiny-fmnist contrastive; vit-base-224 none; swin-base-192 none]" in text
