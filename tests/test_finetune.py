@@ -53,6 +53,8 @@ def pretrained(tmp_path_factory):
                 "--no-progress",
                 "--encoder-kwargs",
                 kwargs,
+                "--sim-loss",
+                "contrastive",  # as the default model's: a projection head fine-tuning drops
             ]
         )
         == 0
@@ -177,6 +179,15 @@ def test_the_card_keeps_the_pretraining_run_apart_from_the_finetuning_run(
     assert run["steps"] == load_checkpoint(finetuned)["step"] and run["epochs"] == 2
     assert run["duration_s"] > 0
     assert run["images"] == 64 and run["world_size"] == 1
+
+
+@pytest.mark.parametrize("stage", ["pretrained", "finetuned"])
+def test_the_card_names_the_similarity_term_the_weights_were_pretrained_with(
+    stage, request, tmp_path
+):
+    run, out = request.getfixturevalue(stage), tmp_path / "model"
+    assert simmim_cli.main(["export", str(run), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "model.json").read_text())["pretraining"]["sim_loss"] == "contrastive"
 
 
 def test_bf16_finetuning_on_a_cpu_computes_in_bf16_and_keeps_float32_weights(pretrained, tmp_path):

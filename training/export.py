@@ -318,8 +318,8 @@ def export_model_dir(
             "projection": None
             if projection is None
             else {**projection.describe(), "fitted_on": fitted_on, "split": "train"},
-            "pretraining": {
-                "sim_loss": cfg.sim_loss,
+            "pretraining": {  # the inference model drops the similarity term: the run's own
+                "sim_loss": ckpt["model_config"]["sim_loss"],
                 "sim_lambda": cfg.sim_lambda,
                 "rec_loss": cfg.rec_loss,
                 "decoder": cfg.decoder,

@@ -372,7 +372,9 @@ def _train(
             "optimizer": optimizer.state_dict(),
             "step": step,
             "epoch": epoch,
-            "model_config": model_cfg.to_dict(),
+            # the weights' similarity term, which the inference model (model_cfg) drops
+            "model_config": model_cfg.to_dict()
+            | {"sim_loss": pretrained["model_config"]["sim_loss"]},
             "train_config": pretrained["train_config"],
             "preprocessing": spec.to_dict(),
             "data": pretrained["data"],
