@@ -318,12 +318,10 @@ def export_model_dir(
             "projection": None
             if projection is None
             else {**projection.describe(), "fitted_on": fitted_on, "split": "train"},
-            "pretraining": {  # the inference model drops the similarity term: the run's own
-                "sim_loss": ckpt["model_config"]["sim_loss"],
-                "sim_lambda": cfg.sim_lambda,
-                "rec_loss": cfg.rec_loss,
-                "decoder": cfg.decoder,
-                "mask_kind": cfg.mask_kind,
+            # from the run's own config: the inference model's drops the similarity term
+            "pretraining": {
+                k: ckpt["model_config"][k]
+                for k in ("sim_loss", "sim_lambda", "rec_loss", "decoder", "mask_kind")
             },
             "training": pretraining_info(checkpoint, ckpt) | _imported(ckpt),
             "finetuned": finetune_card(checkpoint, ckpt),
