@@ -1,6 +1,7 @@
 """Smoke test of the benchmark command (benchmarks/run.py --quick): it runs end to end on the tiny
 model and writes the JSON, markdown and PNG with the expected keys. No timing is asserted. And
-the load generator's one failure path: a server that closes connections without answering."""
+the load generator's one failure path (a server that closes connections without answering), and
+its open loop's scheduler, which must sleep between requests rather than spin."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import sys
 import threading
 
 import pytest
+import uvloop
 from service_fixtures import ROOT
 
-from benchmarks.loadgen import run
+from benchmarks.loadgen import run, run_open
 
 
 @pytest.mark.slow
@@ -125,6 +127,44 @@ def test_the_load_generator_reports_a_server_that_closes_without_answering():
     assert result["requests_sent"] == 0 and result["unfinished_connections"] == 0
     assert len(result["connection_errors"]) == 2
     assert all("before answering" in e for e in result["connection_errors"])
+
+
+class Refuser(asyncio.Protocol):
+    """Answers every POST at once with a 429, as an overloaded server's fast path does."""
+
+    ANSWER = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\n{}"
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(self.ANSWER * data.count(b"POST "))
+
+
+def test_the_open_loop_sleeps_between_requests_instead_of_spinning():
+    # uvloop's timers count whole milliseconds: a scheduler that sleeps until a request due in
+    # 0.5 ms spins (hundreds of thousands of wake-ups a second, a whole core). It must wake
+    # at most about once a millisecond, sending every request due by then.
+    async def main() -> dict:
+        server = await asyncio.get_running_loop().create_server(Refuser, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await run_open(
+                f"http://127.0.0.1:{port}/embed",
+                [b"{}"],
+                [1],
+                rate=2000,
+                connections=16,
+                seconds=1.0,
+                warmup_s=0.1,
+                timeout=2.0,
+            )
+        finally:
+            server.close()
+
+    result = uvloop.run(main())
+    assert result["statuses"] == {"429": result["requests"]} and result["requests"] > 1000
+    assert result["scheduler_wakeups"] < result["requests_sent"] / 1.5
 
 
 @pytest.mark.slow
