@@ -1,11 +1,11 @@
 """The load generator: a separate process that keeps `concurrency` requests in flight against one
 URL over keep-alive HTTP/1.1 connections, and stops by itself after `requests` requests or
 `seconds` seconds of steady state, whichever comes first (then waits for those in flight).
-With --rate it is an open loop instead: it starts `rate` requests per second, evenly spaced,
-whatever the answers, each on an idle one of `concurrency` connections (opened at the start);
-a request due when none is idle is not sent and counted (status -1), a connection the server
-closes without answering counts its request as status 0. Latency then runs from the time a
-request was due.
+With --rate it is an open loop instead: it starts `rate` requests per second, due evenly spaced
+and sent about once a millisecond (every request due by then), whatever the answers, each on an
+idle one of `concurrency` connections (opened at the start); a request due when none is idle is
+not sent and counted (status -1), a connection the server closes without answering counts its
+request as status 0. Latency then runs from the time a request was due.
 
 usage: python -m benchmarks.loadgen URL BODIES.jsonl --concurrency C --requests R --seconds S
            [--warmup-s W] [--rate REQ_PER_S] [--out RESULT.json]
@@ -42,8 +42,8 @@ except ImportError:
 TIMING = re.compile(rb"^x-([a-z]+)-time-ms:\s*([0-9.]+)", re.IGNORECASE | re.MULTILINE)
 LENGTH = re.compile(rb"^content-length:\s*(\d+)", re.IGNORECASE | re.MULTILINE)
 # The open loop's shortest sleep. uvloop's timers count whole milliseconds: a shorter sleep is
-# no sleep, and a scheduler waiting for a request due in 0.3 ms spins (480,000 wake-ups a
-# second, a whole core, stolen from a server on the same cores). It wakes about once a
+# no sleep, and a scheduler waiting for a request due in 0.3 ms spins (hundreds of thousands of
+# wake-ups a second, a whole core, stolen from a server on the same cores). It wakes about once a
 # millisecond instead and sends every request due by then (latency still counts from each
 # request's due time).
 TICK_S = 1e-3
